@@ -1,0 +1,20 @@
+"""Numba CPU backend (Triangle vertex 2): kernels for the hot ops, reference for the rest."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def probe():
+    """None when numba imports here, else why not."""
+    try:
+        import numba  # noqa: F401
+    except Exception as exc:  # pragma: no cover - numba is a hard dependency
+        return f"numba does not import: {exc}"
+    return None
+
+
+def make_backend():
+    from .. import Backend
+    from .ops import OPS
+
+    return Backend("numba", np, OPS, np.float32, "Numba CPU kernels")

@@ -1,0 +1,2 @@
+"""The ops the numba backend overrides, by reference op name."""
+OPS = {}
