@@ -1,2 +1,398 @@
-"""The ops the cupy backend overrides, by reference op name."""
-OPS = {}
+"""The ops the cupy backend overrides, by reference op name.
+
+Kernels live in ``kernels/*.cu`` and are loaded with ``cupy.RawModule`` on first use. Dense
+float matmuls go through cuBLAS (``cupy.matmul``). Everything stays on the device: scalars
+such as activation scales are passed as device pointers, never copied to the host.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import cupy as cp
+
+from reference.autograd import Function
+
+from .compile import NVRTC_OPTIONS, kernel_source
+
+_THREADS = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _module(filename):
+    return cp.RawModule(code=kernel_source(filename), options=NVRTC_OPTIONS)
+
+
+def _kernel(filename, name):
+    return _module(filename).get_function(name)
+
+
+def _blocks(n, threads=_THREADS):
+    return (max(1, (int(n) + threads - 1) // threads),)
+
+
+def _f32(a):
+    return cp.ascontiguousarray(a, dtype=cp.float32)
+
+
+def _aligned(a, dtype, alignment=16):
+    """Contiguous copy of ``a`` whose device pointer is ``alignment``-byte aligned."""
+    a = cp.ascontiguousarray(a, dtype=dtype)
+    return a if a.data.ptr % alignment == 0 else a.copy()
+
+
+# ----------------------------------------------------------------------------- quantizers
+def quantize_acts(x):
+    """Per-token absmax int8 quantization (SPEC 2); returns (q int8 [..., K], s [...])."""
+    shape = x.shape
+    x2 = _f32(x).reshape(-1, shape[-1])
+    n, k = x2.shape
+    q = cp.empty((n, k), dtype=cp.int8)
+    s = cp.empty((n,), dtype=cp.float32)
+    if n:
+        _kernel("ternary.cu", "quantize_acts_rows")((n,), (_THREADS,), (x2, q, s, cp.int32(k)))
+    return q.reshape(shape), s.reshape(shape[:-1]).astype(x.dtype, copy=False)
+
+
+def _weight_scales(w32, group_size):
+    m, k = w32.shape
+    groups = k // group_size
+    mean = cp.empty((m, groups), dtype=cp.float64)
+    warps_per_block = _THREADS // 32
+    _kernel("ternary.cu", "group_abs_mean")(
+        _blocks(m * groups, warps_per_block), (_THREADS,),
+        (w32, mean, cp.int32(m), cp.int32(k), cp.int32(group_size)),
+    )
+    s = mean.astype(cp.float16).astype(cp.float32)
+    s[mean < 1e-8] = 0
+    return s
+
+
+def quantize_weights(w, group_size):
+    """Group-wise absmean ternary quantization (SPEC 2); returns (q int8 [M, K], s [M, K/G])."""
+    if w.ndim != 2 or w.shape[1] % group_size:
+        raise ValueError(f"quantize_weights: expected [M, K] with K divisible by group_size {group_size}, got shape {w.shape}")
+    w32 = _f32(w)
+    m, k = w32.shape
+    s = _weight_scales(w32, group_size)
+    q = cp.empty((m, k), dtype=cp.int8)
+    if m * k:
+        _kernel("ternary.cu", "quantize_weights_apply")(
+            _blocks(m * k), (_THREADS,), (w32, s, q, cp.int32(m), cp.int32(k), cp.int32(group_size))
+        )
+    return q, s.astype(w.dtype, copy=False)
+
+
+def pack_ternary(q):
+    q = cp.ascontiguousarray(q, dtype=cp.int8)
+    if q.ndim != 2 or q.shape[1] % 4:
+        raise ValueError(f"pack_ternary: expected int8 [M, K] with K divisible by 4, got shape {q.shape}")
+    out = cp.empty((q.shape[0], q.shape[1] // 4), dtype=cp.uint8)
+    if out.size:
+        _kernel("ternary.cu", "pack_ternary")(_blocks(out.size), (_THREADS,), (q, out, cp.uint64(out.size)))
+    return out
+
+
+def unpack_ternary(packed):
+    packed = cp.ascontiguousarray(packed, dtype=cp.uint8)
+    if packed.ndim != 2:
+        raise ValueError(f"unpack_ternary: expected uint8 [M, K/4], got shape {packed.shape}")
+    q = cp.empty((packed.shape[0], packed.shape[1] * 4), dtype=cp.int8)
+    if packed.size:
+        _kernel("ternary.cu", "unpack_ternary")(_blocks(packed.size), (_THREADS,), (packed, q, cp.uint64(packed.size)))
+    return q
+
+
+# ------------------------------------------------------------------------- int8 GEMM/GEMV
+def _int8_gemm(xq, xs, wq, ws, group_size):
+    """y[n, m] = xs[n] * sum_g ws[m, g] * intsum over group g (dp4a kernel)."""
+    n, k = xq.shape
+    m = wq.shape[0]
+    y = cp.empty((n, m), dtype=cp.float32)
+    if n == 0 or m == 0:
+        return y
+    grid = ((m + 63) // 64, (n + 63) // 64)
+    _kernel("ternary.cu", "ternary_gemm_dp4a")(
+        grid, (256,),
+        (_aligned(xq, cp.int8), _f32(xs), _aligned(wq, cp.int8), _f32(ws), y,
+         cp.int32(n), cp.int32(m), cp.int32(k), cp.int32(group_size)),
+    )
+    return y
+
+
+class TernaryLinear(Function):
+    """Same contract as ``reference.ternary.ternary_linear``: int8 x ternary forward on the
+    GPU, straight-through backward with cuBLAS."""
+
+    @staticmethod
+    def forward(ctx, x, w, group_size, keep=None):
+        k = w.shape[1]
+        if x.shape[-1] != k:
+            raise ValueError(f"ternary_linear: x has shape {x.shape} but w has shape {w.shape}")
+        if w.shape[1] % group_size:
+            raise ValueError(f"ternary_linear: K = {w.shape[1]} is not divisible by group_size {group_size}")
+        x2 = x.reshape(-1, k)
+        xq, xs = quantize_acts(x2)
+        wq, ws = quantize_weights(w, group_size)
+        y = _int8_gemm(xq, xs, wq, ws, group_size).astype(x.dtype, copy=False)
+        ctx.save(xq, xs, wq, ws, x.shape, group_size, keep)
+        return y.reshape(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        xq, xs, wq, ws, x_shape, group_size, keep = ctx.saved
+        m, k = wq.shape
+        gy2 = gy.reshape(-1, m)
+        dtype = gy.dtype
+        gx = gw = None
+        rows = slice(None) if keep is None else cp.asarray(keep)
+        gk = gy2[rows]
+        if ctx.needs_input_grad[0]:
+            w_deq = (wq.astype(dtype).reshape(m, -1, group_size) * ws.astype(dtype)[:, :, None]).reshape(m, k)
+            gx_rows = gk @ w_deq
+            if keep is None:
+                gx = gx_rows
+            else:
+                gx = cp.zeros((gy2.shape[0], k), dtype=dtype)
+                gx[rows] = gx_rows
+            gx = gx.reshape(x_shape)
+        if ctx.needs_input_grad[1]:
+            x_deq = xq[rows].astype(dtype) * xs[rows].astype(dtype)[:, None]
+            gw = gk.T @ x_deq
+        return gx, gw, None, None
+
+
+def ternary_linear(x, w, group_size, keep=None):
+    return TernaryLinear.apply(x, w, group_size, keep)
+
+
+class PackedTernaryGPU:
+    """Device-side packed weights: canonical packing (for GEMV) plus an int8 copy (for GEMM)."""
+
+    def __init__(self, packed, scales, group_size):
+        self.packed = _aligned(packed, cp.uint8)
+        self.scales = _f32(scales)
+        self.group_size = int(group_size)
+        self.shape = (self.packed.shape[0], self.packed.shape[1] * 4)
+        self._int8 = None
+
+    @property
+    def int8(self):
+        if self._int8 is None:
+            self._int8 = unpack_ternary(self.packed)
+        return self._int8
+
+
+def prepare_packed(packed, scales, group_size):
+    m, k4 = packed.shape
+    if (4 * k4) % group_size or scales.shape != (m, 4 * k4 // group_size):
+        raise ValueError(
+            f"prepare_packed: packed shape {packed.shape} and scales shape {scales.shape} "
+            f"do not fit group_size {group_size}"
+        )
+    return PackedTernaryGPU(cp.asarray(packed), cp.asarray(scales), group_size)
+
+
+def packed_gemv(handle, xq, xs):
+    m, k = handle.shape
+    if xq.shape != (k,):
+        raise ValueError(f"packed_gemv: activations have shape {xq.shape}, expected ({k},)")
+    xs_dev = cp.asarray(xs, dtype=cp.float32).reshape(1)
+    y = cp.empty((m,), dtype=cp.float32)
+    warps = 8
+    blocks = min(max(1, (m + warps - 1) // warps), 4096)
+    shared = (k // 4 + 256) * 4
+    _kernel("ternary.cu", "ternary_gemv_packed")(
+        (blocks,), (32 * warps,),
+        (handle.packed, handle.scales, _aligned(xq, cp.int8), xs_dev, y,
+         cp.int32(m), cp.int32(k), cp.int32(handle.group_size)),
+        shared_mem=shared,
+    )
+    return y
+
+
+def packed_gemm(handle, xq, xs):
+    m, k = handle.shape
+    if xq.ndim != 2 or xq.shape[1] != k:
+        raise ValueError(f"packed_gemm: activations have shape {xq.shape}, expected [N, {k}]")
+    return _int8_gemm(xq, cp.asarray(xs, dtype=cp.float32), handle.int8, handle.scales, handle.group_size)
+
+
+# ------------------------------------------------------------------------------ nn ops
+class RMSNorm(Function):
+    @staticmethod
+    def forward(ctx, x, w, eps=1e-6):
+        c = x.shape[-1]
+        x2 = _f32(x).reshape(-1, c)
+        y = cp.empty_like(x2)
+        rstd = cp.empty((x2.shape[0],), dtype=cp.float32)
+        if x2.shape[0]:
+            _kernel("nn.cu", "rmsnorm_fwd")((x2.shape[0],), (_THREADS,), (x2, _f32(w), y, rstd, cp.int32(c), cp.float32(eps)))
+        ctx.save(x2, _f32(w), rstd, x.shape)
+        return y.reshape(x.shape).astype(x.dtype, copy=False)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x2, w, rstd, shape = ctx.saved
+        c = x2.shape[1]
+        gx = cp.empty_like(x2)
+        gw_rows = cp.empty_like(x2)
+        if x2.shape[0]:
+            _kernel("nn.cu", "rmsnorm_bwd")(
+                (x2.shape[0],), (_THREADS,), (x2, w, rstd, _f32(gy).reshape(-1, c), gx, gw_rows, cp.int32(c))
+            )
+        return gx.reshape(shape).astype(gy.dtype, copy=False), gw_rows.sum(axis=0).astype(gy.dtype, copy=False)
+
+
+def rmsnorm(x, w, eps=1e-6):
+    return RMSNorm.apply(x, w, eps=eps)
+
+
+class _GLU(Function):
+    mode = 0
+
+    @classmethod
+    def forward(cls, ctx, gate, up):
+        if gate.shape != up.shape:
+            raise ValueError(f"gated activation: gate shape {gate.shape} differs from up shape {up.shape}")
+        g, u = _f32(gate), _f32(up)
+        out = cp.empty_like(g)
+        if g.size:
+            _kernel("nn.cu", "glu_fwd")(_blocks(g.size), (_THREADS,), (g, u, out, cp.uint64(g.size), cp.int32(cls.mode)))
+        ctx.save(g, u, cls.mode)
+        return out.astype(gate.dtype, copy=False)
+
+    @staticmethod
+    def backward(ctx, gout):
+        g, u, mode = ctx.saved
+        gg, gu = cp.empty_like(g), cp.empty_like(u)
+        if g.size:
+            _kernel("nn.cu", "glu_bwd")(
+                _blocks(g.size), (_THREADS,), (g, u, _f32(gout), gg, gu, cp.uint64(g.size), cp.int32(mode))
+            )
+        return gg.astype(gout.dtype, copy=False), gu.astype(gout.dtype, copy=False)
+
+
+class SwiGLU(_GLU):
+    mode = 0
+
+
+class ReLU2GLU(_GLU):
+    mode = 1
+
+
+class CrossEntropy(Function):
+    """Same contract as ``reference.nn.cross_entropy`` (weights, ignore_index, reductions)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, weights=None, ignore_index=-100, reduction="mean"):
+        n, v = logits.shape
+        if targets.shape != (n,):
+            raise ValueError(f"cross_entropy: logits {logits.shape} and targets {targets.shape} do not match")
+        lg = _f32(logits)
+        t = cp.ascontiguousarray(targets, dtype=cp.int64)
+        loss = cp.empty((n,), dtype=cp.float32)
+        lse = cp.empty((n,), dtype=cp.float32)
+        if n:
+            _kernel("nn.cu", "cross_entropy_fwd")((n,), (_THREADS,), (lg, t, loss, lse, cp.int32(v), cp.int64(ignore_index)))
+        valid = (t != ignore_index).astype(cp.float32)
+        w = valid if weights is None else _f32(weights) * valid
+        if reduction == "none":
+            out, coef_scale = loss * (1.0 if weights is None else _f32(weights)), None
+        elif reduction == "sum":
+            out, coef_scale = (loss * w).sum(), None
+        elif reduction == "mean":
+            denom = valid.sum() if weights is None else w.sum()
+            safe = cp.where(denom > 0, denom, 1.0)
+            out = cp.where(denom > 0, (loss * w).sum() / safe, 0.0)
+            coef_scale = safe
+        else:
+            raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        ctx.save(lg, t, lse, w, coef_scale, reduction, ignore_index, weights is None)
+        return out.astype(logits.dtype, copy=False)
+
+    @staticmethod
+    def backward(ctx, gout):
+        lg, t, lse, w, coef_scale, reduction, ignore_index, unweighted = ctx.saved
+        n, v = lg.shape
+        if reduction == "none":
+            coef = _f32(gout) * (w if not unweighted else 1.0)
+        elif reduction == "sum":
+            coef = w * gout.astype(cp.float32)
+        else:
+            coef = w * (gout.astype(cp.float32) / coef_scale)
+        coef = _f32(cp.broadcast_to(coef, (n,)))
+        g = cp.empty_like(lg)
+        if n:
+            _kernel("nn.cu", "cross_entropy_bwd")((n,), (_THREADS,), (lg, t, lse, coef, g, cp.int32(v), cp.int64(ignore_index)))
+        return g.astype(gout.dtype, copy=False), None, None
+
+
+def cross_entropy(logits, targets, weights=None, ignore_index=-100, reduction="mean"):
+    return CrossEntropy.apply(logits, targets, weights, ignore_index=ignore_index, reduction=reduction)
+
+
+# ---------------------------------------------------------------------------- optimizers
+def _check_f32(name, *arrays):
+    for a in arrays:
+        if a.dtype != cp.float32 or not a.flags.c_contiguous:
+            raise ValueError(f"{name}: the cupy kernels update contiguous float32 arrays in place, got {a.dtype}")
+
+
+def adamw_update(p, g, m, v, *, lr, beta1, beta2, eps, weight_decay, step):
+    _check_f32("adamw_update", p, m, v)
+    g = _f32(g)
+    bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+    _kernel("optim.cu", "adamw_update")(
+        _blocks(p.size), (_THREADS,),
+        (p, g, m, v, cp.uint64(p.size), cp.float32(lr), cp.float32(beta1), cp.float32(beta2),
+         cp.float32(eps), cp.float32(weight_decay), cp.float32(bc1), cp.float32(bc2)),
+    )
+
+
+def lion_update(p, g, m, *, lr, beta1, beta2, weight_decay):
+    _check_f32("lion_update", p, m)
+    _kernel("optim.cu", "lion_update")(
+        _blocks(p.size), (_THREADS,),
+        (p, _f32(g), m, cp.uint64(p.size), cp.float32(lr), cp.float32(beta1), cp.float32(beta2), cp.float32(weight_decay)),
+    )
+
+
+def muon_momentum(buf, g, *, beta, nesterov):
+    _check_f32("muon_momentum", buf)
+    u = cp.empty_like(buf)
+    _kernel("optim.cu", "muon_momentum")(
+        _blocks(buf.size), (_THREADS,), (buf, _f32(g), u, cp.uint64(buf.size), cp.float32(beta), cp.int32(bool(nesterov)))
+    )
+    return u
+
+
+def muon8_momentum(qbuf, scales, g, *, beta, nesterov):
+    n = g.size
+    if qbuf.size != n or scales.size != math.ceil(n / 256):
+        raise ValueError(f"muon8_momentum: {qbuf.size} int8 values and {scales.size} scales do not fit {n} elements")
+    u = cp.empty(g.shape, dtype=cp.float32)
+    _kernel("optim.cu", "muon8_momentum")(
+        (scales.size,), (256,), (qbuf, scales, _f32(g), u, cp.uint64(n), cp.float32(beta), cp.int32(bool(nesterov)))
+    )
+    return u
+
+
+OPS = {
+    "quantize_acts": quantize_acts,
+    "quantize_weights": quantize_weights,
+    "pack_ternary": pack_ternary,
+    "unpack_ternary": unpack_ternary,
+    "ternary_linear": ternary_linear,
+    "prepare_packed": prepare_packed,
+    "packed_gemv": packed_gemv,
+    "packed_gemm": packed_gemm,
+    "rmsnorm": rmsnorm,
+    "swiglu": SwiGLU.apply,
+    "relu2_glu": ReLU2GLU.apply,
+    "cross_entropy": cross_entropy,
+    "adamw_update": adamw_update,
+    "lion_update": lion_update,
+    "muon_momentum": muon_momentum,
+    "muon8_momentum": muon8_momentum,
+}

@@ -1,0 +1,210 @@
+// Ternary quantization, packing, and int8 x ternary GEMM/GEMV kernels (SPEC section 2).
+//
+// All kernels are plain `extern "C"` so cupy.RawModule can look them up by name. The
+// integer inner sums are exact (int32 accumulation of int8 x {-1,0,1} products); group
+// scales are applied once per group in float32.
+
+// Round half away from zero, the project's one rounding rule (not rintf's half-to-even).
+__device__ __forceinline__ float round_half_away(float v) {
+    float r = floorf(fabsf(v) + 0.5f);
+    return v < 0.0f ? -r : r;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ double warp_sum_d(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Per-token activation quantization, one block per row: s = max|x| / 127,
+// q = clip(round_half_away(x / s), -127, 127); rows with max|x| < 1e-8 get q = 0, s = 0.
+extern "C" __global__ void quantize_acts_rows(const float* __restrict__ x, signed char* __restrict__ q,
+                                              float* __restrict__ s, int K) {
+    __shared__ float partial[32];
+    const float* row = x + (size_t)blockIdx.x * K;
+    float m = 0.0f;
+    for (int k = threadIdx.x; k < K; k += blockDim.x) m = fmaxf(m, fabsf(row[k]));
+    m = warp_max(m);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = m;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        float v = threadIdx.x < (blockDim.x + 31) / 32 ? partial[threadIdx.x] : 0.0f;
+        v = warp_max(v);
+        if (threadIdx.x == 0) partial[0] = v;
+    }
+    __syncthreads();
+    float a = partial[0];
+    float scale = a < 1e-8f ? 0.0f : a / 127.0f;
+    if (threadIdx.x == 0) s[blockIdx.x] = scale;
+    signed char* qrow = q + (size_t)blockIdx.x * K;
+    for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        float v = scale == 0.0f ? 0.0f : round_half_away(row[k] / scale);
+        qrow[k] = (signed char)fminf(127.0f, fmaxf(-127.0f, v));
+    }
+}
+
+// Mean of |w| per (row, group), accumulated in double; one warp per group.
+extern "C" __global__ void group_abs_mean(const float* __restrict__ w, double* __restrict__ mean,
+                                          int M, int K, int G) {
+    int groups = K / G;
+    int gid = (blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    int lane = threadIdx.x & 31;
+    if (gid >= M * groups) return;
+    int r = gid / groups, g = gid % groups;
+    const float* p = w + (size_t)r * K + (size_t)g * G;
+    double acc = 0.0;
+    for (int k = lane; k < G; k += 32) acc += (double)fabsf(p[k]);
+    acc = warp_sum_d(acc);
+    if (lane == 0) mean[gid] = acc / (double)G;
+}
+
+// q = clip(round_half_away(w / s), -1, 1) with s already fp16-rounded; s == 0 -> q = 0.
+extern "C" __global__ void quantize_weights_apply(const float* __restrict__ w, const float* __restrict__ s,
+                                                  signed char* __restrict__ q, int M, int K, int G) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)M * K) return;
+    size_t r = i / K, k = i % K;
+    float sc = s[r * (K / G) + k / G];
+    float v = sc == 0.0f ? 0.0f : round_half_away(w[i] / sc);
+    q[i] = (signed char)fminf(1.0f, fmaxf(-1.0f, v));
+}
+
+// Canonical 2-bit packing: 0 -> 00, +1 -> 01, -1 -> 11; column 4j+i in bits 2i..2i+1 of byte j.
+extern "C" __global__ void pack_ternary(const signed char* __restrict__ q, unsigned char* __restrict__ out,
+                                        size_t n_bytes) {
+    size_t j = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= n_bytes) return;
+    const signed char* p = q + 4 * j;
+    unsigned int b = 0;
+    for (int i = 0; i < 4; ++i) b |= ((unsigned int)p[i] & 3u) << (2 * i);  // -1 & 3 == 3
+    out[j] = (unsigned char)b;
+}
+
+__device__ __forceinline__ int decode_trit(unsigned int code) {
+    // 00 -> 0, 01 -> +1, 11 -> -1, 10 (invalid) -> 0
+    int low = code & 1u;
+    return low - 2 * (low & (code >> 1));
+}
+
+extern "C" __global__ void unpack_ternary(const unsigned char* __restrict__ packed, signed char* __restrict__ q,
+                                          size_t n_bytes) {
+    size_t j = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= n_bytes) return;
+    unsigned int b = packed[j];
+    for (int i = 0; i < 4; ++i) q[4 * j + i] = (signed char)decode_trit((b >> (2 * i)) & 3u);
+}
+
+// y[n, m] = xs[n] * sum_g ws[m, g] * sum_{k in g} xq[n, k] * wq[m, k]
+// int8 operands, dp4a with int32 accumulation per group. 256 threads, a 64 x 64 output tile,
+// 4 x 4 outputs per thread. Needs K % 32 == 0, G % 32 == 0, 4-byte aligned rows.
+#define TG_BM 64
+#define TG_BN 64
+#define TG_BK 32
+extern "C" __global__ void __launch_bounds__(256) ternary_gemm_dp4a(
+        const signed char* __restrict__ xq, const float* __restrict__ xs,
+        const signed char* __restrict__ wq, const float* __restrict__ ws,
+        float* __restrict__ y, int N, int M, int K, int G) {
+    __shared__ int sx[TG_BM][TG_BK / 4 + 1];
+    __shared__ int sw[TG_BN][TG_BK / 4 + 1];
+    const int tx = threadIdx.x & 15, ty = threadIdx.x >> 4;
+    const int n0 = blockIdx.y * TG_BM, m0 = blockIdx.x * TG_BN;
+    const int groups = K / G;
+    float accf[4][4];
+    int acci[4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) { accf[i][j] = 0.0f; acci[i][j] = 0; }
+
+    for (int k0 = 0; k0 < K; k0 += TG_BK) {
+        for (int i = threadIdx.x; i < TG_BM * (TG_BK / 4); i += 256) {
+            int r = i / (TG_BK / 4), c = i % (TG_BK / 4);
+            int n = n0 + r, m = m0 + r;
+            sx[r][c] = n < N ? *reinterpret_cast<const int*>(xq + (size_t)n * K + k0 + 4 * c) : 0;
+            sw[r][c] = m < M ? *reinterpret_cast<const int*>(wq + (size_t)m * K + k0 + 4 * c) : 0;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int c = 0; c < TG_BK / 4; ++c) {
+            int a[4], b[4];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) { a[i] = sx[ty + 16 * i][c]; b[i] = sw[tx + 16 * i][c]; }
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) acci[i][j] = __dp4a(a[i], b[j], acci[i][j]);
+        }
+        __syncthreads();
+        if ((k0 + TG_BK) % G == 0) {  // end of a group: apply its weight scale
+            int g = (k0 + TG_BK) / G - 1;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                int m = m0 + tx + 16 * j;
+                float sc = m < M ? ws[(size_t)m * groups + g] : 0.0f;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) { accf[i][j] += sc * (float)acci[i][j]; acci[i][j] = 0; }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        int n = n0 + ty + 16 * i;
+        if (n >= N) continue;
+        float sx_n = xs[n];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            int m = m0 + tx + 16 * j;
+            if (m < M) y[(size_t)n * M + m] = sx_n * accf[i][j];
+        }
+    }
+}
+
+// Packed GEMV for decode: y[m] = xs[0] * sum_g ws[m, g] * sum_{k in g} xq[k] * trit(m, k).
+// One warp per row, 16-byte coalesced loads of the packed row (64 trits), a 256-entry table
+// turning a packed byte into four int8 trits for dp4a, activations in shared memory.
+// Needs K % 64 == 0 (true since G in {64, 128, 256} divides K) and 16-byte aligned rows.
+extern "C" __global__ void ternary_gemv_packed(const unsigned char* __restrict__ packed,
+                                               const float* __restrict__ ws,
+                                               const signed char* __restrict__ xq,
+                                               const float* __restrict__ xs,
+                                               float* __restrict__ y, int M, int K, int G) {
+    extern __shared__ int smem[];
+    int* sx = smem;            // K / 4 words: four int8 activations each
+    int* lut = smem + K / 4;   // 256 words: byte -> four int8 trits
+    for (int i = threadIdx.x; i < K / 4; i += blockDim.x) sx[i] = reinterpret_cast<const int*>(xq)[i];
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
+        unsigned int word = 0;
+        for (int t = 0; t < 4; ++t) word |= ((unsigned int)(decode_trit((i >> (2 * t)) & 3) & 0xff)) << (8 * t);
+        lut[i] = (int)word;
+    }
+    __syncthreads();
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int row_bytes = K / 4, chunks = row_bytes / 16, groups = K / G;
+    for (int m = blockIdx.x * warps + warp; m < M; m += gridDim.x * warps) {
+        const uint4* rowp = reinterpret_cast<const uint4*>(packed + (size_t)m * row_bytes);
+        float f = 0.0f;
+        for (int c = lane; c < chunks; c += 32) {
+            uint4 v = rowp[c];
+            unsigned int words[4] = {v.x, v.y, v.z, v.w};
+            int acc = 0;
+            const int base = c * 16;  // one packed byte covers one activation word
+#pragma unroll
+            for (int q = 0; q < 4; ++q)
+#pragma unroll
+                for (int b = 0; b < 4; ++b)
+                    acc = __dp4a(lut[(words[q] >> (8 * b)) & 0xffu], sx[base + 4 * q + b], acc);
+            f += ws[(size_t)m * groups + (c * 64) / G] * (float)acc;
+        }
+        f = warp_sum(f);
+        if (lane == 0) y[m] = f * xs[0];
+    }
+}
