@@ -12,6 +12,7 @@ import math
 import cupy as cp
 
 from reference.autograd import Function
+from reference.ternary import RowSelection, resolve_keep
 
 from .compile import NVRTC_OPTIONS, kernel_source
 
@@ -132,6 +133,8 @@ class TernaryLinear(Function):
         if w.shape[1] % group_size:
             raise ValueError(f"ternary_linear: K = {w.shape[1]} is not divisible by group_size {group_size}")
         x2 = x.reshape(-1, k)
+        if keep is not None and not isinstance(keep, RowSelection):
+            keep = resolve_keep(keep, x2.shape[0])
         xq, xs = quantize_acts(x2)
         wq, ws = quantize_weights(w, group_size)
         y = _int8_gemm(xq, xs, wq, ws, group_size).astype(x.dtype, copy=False)
@@ -145,6 +148,7 @@ class TernaryLinear(Function):
         gy2 = gy.reshape(-1, m)
         dtype = gy.dtype
         gx = gw = None
+        keep = resolve_keep(keep, gy2.shape[0])
         rows = slice(None) if keep is None else cp.asarray(keep)
         gk = gy2[rows]
         if ctx.needs_input_grad[0]:

@@ -1,0 +1,1160 @@
+"""GGUF export and a hardened GGUF reader (SPEC sections 2, 3, 8, 9; layout in ``docs/gguf.md``).
+
+    loaded = loaded_from_checkpoint("runs/tiny/checkpoints/step-000400")
+    write_loaded("model.gguf", loaded)                       # or write_gguf(path, cfg, params, tok_json)
+    model = read_gguf("model.gguf")                          # LoadedModel, or GGUFError
+
+A ``LoadedModel`` is what the inference engine runs: the config, float tensors by parameter
+name (float32) and BitLinear weights as ``(packed uint8 [M, K/4], scales float32 [M, K/G])``
+in the canonical encoding of SPEC section 2.
+
+Two architectures are written:
+
+- ``nanochat-ternary`` (every config): tensors keep the model's parameter names; every
+  ``ModelConfig`` field is a ``nanochat-ternary.<field>`` key. Ternary weights are llama.cpp
+  ``TQ2_0`` when ``group_size`` is a multiple of 256 (lossless: one fp16 block scale per 256
+  weights), else the canonical packed bytes as an ``I8`` tensor plus an ``F32`` tensor
+  ``<name>.scales`` (``nanochat-ternary.ternary_encoding`` says which).
+- ``bitnet`` (plain configs only): llama.cpp's tensor names and ``bitnet.*`` keys, ``TQ2_0``
+  weights; the ``nanochat-ternary.*`` keys ride along so that this reader restores the exact config.
+
+The reader trusts nothing in the file. A bounded scan walks the header, the metadata and the
+tensor table and checks every count and length against the bytes actually there before reading
+it (so no allocation is sized by an unchecked length), every value type, and every tensor's
+type, shape and byte range against the file size. The metadata is then rebuilt into a validated
+``Config``, every expected tensor is checked for presence, type and shape, and the data is read
+from the same mapping and checked for NaN/Inf. ``read_gguf(path, cross_check=True)`` also parses
+the file with ``gguf.GGUFReader`` and requires it to agree (the tests do). Any problem is a
+``GGUFError`` (a ``ValueError``) with one sentence naming the file, the field and the problem.
+"""
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import stat
+import struct
+import sys
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from nanochat.config import Config, ConfigError, ModelConfig
+from reference import mhc as mhc_ref
+from reference.ternary import pack_ternary, quantize_weights, unpack_ternary
+
+__all__ = [
+    "ARCH",
+    "BITNET_ARCH",
+    "GGUFError",
+    "LoadedModel",
+    "ParamSpec",
+    "WriteSummary",
+    "bitnet_problems",
+    "gguf_tensor_names",
+    "loaded_from_checkpoint",
+    "mhc_records",
+    "parameter_specs",
+    "quantize_params",
+    "read_gguf",
+    "ternary_param_names",
+    "write_gguf",
+    "write_loaded",
+]
+
+ARCH = "nanochat-ternary"
+BITNET_ARCH = "bitnet"
+ARCHITECTURES = (ARCH, BITNET_ARCH)
+FORMAT_VERSION = 1                 # nanochat-ternary.format_version: bump on any layout change
+ENCODING_TQ2_0 = "tq2_0"           # ternary weights as llama.cpp TQ2_0 blocks
+ENCODING_PACKED = "packed_i8"      # canonical packed bytes (I8) + F32 "<name>.scales"
+SCALES_SUFFIX = ".scales"
+TQ2_0_BLOCK = 256                  # weights per TQ2_0 block (one fp16 scale each)
+TQ2_0_BLOCK_BYTES = 66             # 64 bytes of 2-bit codes + fp16 d
+FLOAT_TYPES = ("f32", "f16")
+MAX_TENSOR_NAME_BYTES = 63         # llama.cpp's GGML_MAX_NAME is 64 including the NUL
+# llama.cpp token types (tokenizer.ggml.token_type)
+TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_UNUSED = 1, 3, 5
+
+
+class GGUFError(ValueError):
+    """A GGUF file (or export request) that cannot be used, told in one sentence."""
+
+
+# --- the parameter layout ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """Shape of one model parameter and whether it is a BitLinear (ternary) weight."""
+
+    shape: tuple[int, ...]
+    ternary: bool = False
+
+
+def _model_cfg(cfg) -> ModelConfig:
+    if isinstance(cfg, Config):
+        return cfg.model
+    if isinstance(cfg, ModelConfig):
+        return cfg
+    raise TypeError(f"expected a Config or ModelConfig, got {type(cfg).__name__}")
+
+
+def parameter_specs(cfg) -> dict[str, ParamSpec]:
+    """Every parameter of ``nanochat.model.Model`` for ``cfg``, in the model's order, from shapes alone.
+
+    Ternary entries are exactly the weights the model runs through ``ternary_linear``
+    (``Model._bitlinear``): attention wq wk wv wo, dense/expert/shared FFN w_gate w_up w_down,
+    DeltaNet wq wk wv wgate wo and the MTP projections. ``tests/test_export.py`` checks this
+    against a real model so the two cannot drift apart.
+    """
+    c = _model_cfg(cfg)
+    d, hd = c.dim, c.head_dim
+    specs: dict[str, ParamSpec] = {}
+
+    def add(name, shape, ternary=False):
+        specs[name] = ParamSpec(tuple(int(s) for s in shape), ternary)
+
+    def ffn(p, hidden):
+        add(p + "w_gate", (hidden, d), True)
+        add(p + "w_up", (hidden, d), True)
+        if c.sub_norm:
+            add(p + "sub_norm", (hidden,))
+        add(p + "w_down", (d, hidden), True)
+
+    add("tok_embeddings", (c.vocab_size, d))
+    if not c.tie_embeddings:
+        add("lm_head", (c.vocab_size, d))
+    for i, (mixer, ffn_kind) in enumerate(c.block_kinds()):
+        p = f"layers.{i}."
+        add(p + "attn_norm", (d,))
+        if mixer == "attention":
+            add(p + "attn.wq", (c.n_heads * hd, d), True)
+            add(p + "attn.wk", (c.n_kv_heads * hd, d), True)
+            add(p + "attn.wv", (c.n_kv_heads * hd, d), True)
+            if c.sub_norm:
+                add(p + "attn.sub_norm", (c.n_heads * hd,))
+            add(p + "attn.wo", (d, c.n_heads * hd), True)
+        else:
+            h, dk, dv = c.dn_heads, c.dn_key_dim, c.dn_value_dim
+            q = p + "delta."
+            add(q + "wq", (h * dk, d), True)
+            add(q + "wk", (h * dk, d), True)
+            add(q + "wv", (h * dv, d), True)
+            add(q + "wgate", (h * dv, d), True)
+            add(q + "wa", (h, d))
+            add(q + "wbeta", (h, d))
+            add(q + "A_log", (h,))
+            add(q + "dt_bias", (h,))
+            add(q + "out_norm", (dv,))
+            add(q + "wo", (d, h * dv), True)
+        add(p + "ffn_norm", (d,))
+        if ffn_kind == "moe":
+            add(p + "moe.router", (c.n_experts, d))
+            for e in range(c.n_experts):
+                ffn(f"{p}moe.experts.{e}.", c.expert_hidden)
+            if c.moe_shared_expert:
+                ffn(p + "moe.shared.", c.expert_hidden)
+        else:
+            ffn(p + "ffn.", c.ffn_hidden)
+        if c.n_streams > 1:
+            for sub in ("mhc_attn.", "mhc_ffn."):
+                for name, shape in _mhc_shapes(c).items():
+                    add(p + sub + name, shape)
+    add("norm", (d,))
+    for i in range(c.mtp_n_tokens):
+        add(f"mtp.{i}.norm", (d,))
+        add(f"mtp.{i}.proj", (d, d), True)
+    return specs
+
+
+def _mhc_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    n = c.n_streams
+    names = mhc_ref.STATIC_PARAM_NAMES[n] if c.mhc_mode == "static" else mhc_ref.DYNAMIC_PARAM_NAMES[n]
+    shapes = {}
+    for name in names:
+        if name == mhc_ref.RES_NAME[n]:
+            shapes[name] = (mhc_ref.RES_SIZE[n],)
+        elif name == "dyn_weight":
+            shapes[name] = (mhc_ref.n_logits(n), n * c.dim)
+        elif name == "dyn_gate":
+            shapes[name] = (1,)
+        else:
+            shapes[name] = (n,)
+    return shapes
+
+
+def ternary_param_names(cfg) -> list[str]:
+    """Names of the BitLinear weights (the parameters the model runs through ``ternary_linear``)."""
+    return [name for name, spec in parameter_specs(cfg).items() if spec.ternary]
+
+
+def _is_mhc(name: str) -> bool:
+    return ".mhc_attn." in name or ".mhc_ffn." in name
+
+
+def ternary_encoding(cfg) -> str:
+    """``tq2_0`` when the group size is a multiple of the TQ2_0 block, else ``packed_i8``."""
+    return ENCODING_TQ2_0 if _model_cfg(cfg).group_size % TQ2_0_BLOCK == 0 else ENCODING_PACKED
+
+
+# --- bitnet naming ----------------------------------------------------------------------------
+
+_BITNET_LAYER_NAMES = {
+    "attn_norm": "attn_norm",
+    "attn.wq": "attn_q",
+    "attn.wk": "attn_k",
+    "attn.wv": "attn_v",
+    "attn.wo": "attn_output",
+    "attn.sub_norm": "attn_sub_norm",
+    "ffn_norm": "ffn_norm",
+    "ffn.w_gate": "ffn_gate",
+    "ffn.w_up": "ffn_up",
+    "ffn.w_down": "ffn_down",
+    "ffn.sub_norm": "ffn_sub_norm",
+}
+_BITNET_GLOBAL_NAMES = {"tok_embeddings": "token_embd", "norm": "output_norm"}
+
+
+def _bitnet_name(name: str) -> str:
+    if name in _BITNET_GLOBAL_NAMES:
+        return _BITNET_GLOBAL_NAMES[name] + ".weight"
+    _, index, rest = name.split(".", 2)
+    return f"blk.{index}.{_BITNET_LAYER_NAMES[rest]}.weight"
+
+
+def bitnet_problems(cfg) -> list[str]:
+    """Why ``cfg`` cannot be written as llama.cpp's ``bitnet`` architecture (empty when it can)."""
+    c = _model_cfg(cfg)
+    problems = []
+    if c.n_streams != 1:
+        problems.append(f"n_streams = {c.n_streams} (bitnet has a plain residual, needs 1)")
+    if c.deltanet_layer_ids:
+        problems.append(f"DeltaNet blocks {list(c.deltanet_layer_ids)} (bitnet is attention only)")
+    if c.n_experts:
+        problems.append(f"n_experts = {c.n_experts} (bitnet has no MoE, needs 0)")
+    if not c.sub_norm:
+        problems.append("sub_norm = false (bitnet has SubLN norms, needs true)")
+    if c.mtp_n_tokens:
+        problems.append(f"mtp_n_tokens = {c.mtp_n_tokens} (bitnet has no MTP heads, needs 0)")
+    if not c.tie_embeddings:
+        problems.append("tie_embeddings = false (bitnet's LM head is the token embedding, needs true)")
+    if c.ffn_type != "swiglu":
+        problems.append(f"ffn_type = {c.ffn_type!r} (bitnet's FFN is SwiGLU)")
+    if c.group_size % TQ2_0_BLOCK:
+        problems.append(f"group_size = {c.group_size} (bitnet needs TQ2_0 weights, so a multiple of 256)")
+    return problems
+
+
+def gguf_tensor_names(cfg, arch: str = ARCH) -> dict[str, list[tuple[str, str]]]:
+    """Per parameter, the GGUF tensors that hold it as ``(gguf name, role)``.
+
+    Roles: ``float`` (F32/F16), ``tq2_0`` (TQ2_0 weight), ``packed`` (I8 canonical bytes) and
+    ``scales`` (F32 per-group scales of a packed weight).
+    """
+    c = _model_cfg(cfg)
+    encoding = ternary_encoding(c)
+    out = {}
+    for name, spec in parameter_specs(c).items():
+        tname = _bitnet_name(name) if arch == BITNET_ARCH else name
+        if not spec.ternary:
+            out[name] = [(tname, "float")]
+        elif encoding == ENCODING_TQ2_0:
+            out[name] = [(tname, "tq2_0")]
+        else:
+            out[name] = [(tname, "packed"), (tname + SCALES_SUFFIX, "scales")]
+    return out
+
+
+# --- the in-memory model ----------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference: what ``read_gguf`` and ``loaded_from_checkpoint`` return."""
+
+    config: Config                                       # model section exact; others default (GGUF)
+    floats: dict[str, np.ndarray]                        # float32 tensors by parameter name
+    ternary: dict[str, tuple[np.ndarray, np.ndarray]]    # name -> (packed uint8 [M, K/4], scales f32 [M, K/G])
+    tokenizer_json: str | None                           # HF tokenizers JSON, or None
+    source: str                                          # file or directory, for messages
+
+
+@dataclass
+class WriteSummary:
+    """What a GGUF write produced (the export CLI prints it)."""
+
+    path: str
+    arch: str
+    n_tensors: int
+    n_bytes: int
+    tensor_types: dict[str, int] = field(default_factory=dict)   # GGML type name -> tensor count
+    ternary_encoding: str = ENCODING_TQ2_0
+
+
+def _host_array(value) -> np.ndarray:
+    """A numpy array from a numpy/cupy array or an autograd Tensor."""
+    if type(value).__name__ == "Tensor" and hasattr(value, "data"):
+        value = value.data
+    if hasattr(value, "get") and not isinstance(value, np.ndarray):
+        value = value.get()
+    return np.asarray(value)
+
+
+def quantize_params(cfg, params: Mapping[str, Any], tokenizer_json: str | None = None,
+                    source: str = "parameters") -> LoadedModel:
+    """Quantize float shadow weights into a ``LoadedModel`` (the training forward's exact weights).
+
+    ``params`` maps every parameter name of ``parameter_specs(cfg)`` to a float array (numpy,
+    cupy or Tensor). BitLinear weights go through ``quantize_weights`` + ``pack_ternary``; the
+    rest become float32. Raises ``ValueError`` naming the parameter on a missing, extra,
+    misshaped or non-finite one.
+    """
+    config = cfg if isinstance(cfg, Config) else Config(model=_model_cfg(cfg))
+    model = config.model
+    specs = parameter_specs(model)
+    extra = [n for n in params if n not in specs]
+    if extra:
+        raise ValueError(f"{source}: parameter {extra[0]} is not part of the model for this config "
+                         f"({len(extra)} unexpected in all)")
+    floats, ternary = {}, {}
+    for name, spec in specs.items():
+        if name not in params:
+            raise ValueError(f"{source}: parameter {name} is missing (expected shape {list(spec.shape)})")
+        arr = _host_array(params[name])
+        if arr.dtype.kind != "f":
+            raise ValueError(f"{source}: parameter {name} has dtype {arr.dtype}, expected a float array")
+        if arr.shape != spec.shape:
+            raise ValueError(f"{source}: parameter {name} has shape {list(arr.shape)}, expected {list(spec.shape)}")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{source}: parameter {name} holds non-finite values")
+        if spec.ternary:
+            q, s = quantize_weights(arr, model.group_size)
+            ternary[name] = (pack_ternary(q), np.asarray(s, dtype=np.float32))
+        else:
+            floats[name] = np.array(arr, dtype=np.float32)
+    return LoadedModel(config=config, floats=floats, ternary=ternary, tokenizer_json=tokenizer_json, source=source)
+
+
+def mhc_records(loaded: LoadedModel) -> list[dict[str, np.ndarray]]:
+    """Static mHC parameters per sub-layer in ``.mhc`` order (blk0.attn, blk0.ffn, blk1.attn, ...)."""
+    c = loaded.config.model
+    if c.n_streams == 1:
+        return []
+    names = mhc_ref.STATIC_PARAM_NAMES[c.n_streams]
+    return [
+        {k: loaded.floats[f"layers.{i}.{sub}.{k}"] for k in names}
+        for i in range(c.n_layers)
+        for sub in ("mhc_attn", "mhc_ffn")
+    ]
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+
+def _gguf():
+    import gguf  # imported lazily: only export and GGUF loading need it
+
+    return gguf
+
+
+def _writer_class():
+    gguf = _gguf()
+
+    class _Writer(gguf.GGUFWriter):
+        """GGUFWriter that can also write empty arrays (valid GGUF; gguf-py refuses them)."""
+
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            if vtype == gguf.GGUFValueType.ARRAY and sub_type is not None and len(val) == 0:
+                head = self._pack("I", vtype) if add_vtype else b""
+                return head + self._pack("I", sub_type) + self._pack("Q", 0)
+            return super()._pack_val(val, vtype, add_vtype, sub_type=sub_type)
+
+    return _Writer
+
+
+def write_gguf(path, cfg, params: Mapping[str, Any], tokenizer_json: str | None, arch: str = ARCH, *,
+               float_type: str = "f32", name: str | None = None) -> WriteSummary:
+    """Quantize ``params`` (float shadow weights by name) and write a GGUF file atomically."""
+    loaded = quantize_params(cfg, params, tokenizer_json, source=str(path))
+    return write_loaded(path, loaded, arch=arch, float_type=float_type, name=name)
+
+
+def write_loaded(path, loaded: LoadedModel, arch: str = ARCH, *, float_type: str = "f32",
+                 name: str | None = None, label: str | None = None) -> WriteSummary:
+    """Write a ``LoadedModel`` as GGUF (temporary file, then ``os.replace``: never a partial file).
+
+    ``float_type="f16"`` stores 2-D float tensors other than mHC as F16 (lossy); 1-D tensors
+    and mHC stay F32. Raises ``ValueError`` (messages start with ``label``, default the path)
+    for an unknown arch, a config the ``bitnet`` architecture cannot express, or inconsistent
+    tensors.
+    """
+    gguf = _gguf()
+    path = Path(path)
+    where = label if label is not None else str(path)
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"{where}: unknown architecture {arch!r}; choose {ARCH!r} or {BITNET_ARCH!r}")
+    if float_type not in FLOAT_TYPES:
+        raise ValueError(f"{where}: float_type must be one of {FLOAT_TYPES}, got {float_type!r}")
+    model = loaded.config.model
+    if arch == BITNET_ARCH:
+        problems = bitnet_problems(model)
+        if problems:
+            raise ValueError(f"{where}: the bitnet architecture cannot express this config: {'; '.join(problems)}")
+    tensors = _tensors_to_write(loaded, arch, float_type, where)
+    tokenizer = _tokenizer_metadata(loaded.tokenizer_json, model.vocab_size, where)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        writer = _writer_class()(tmp, arch)
+        try:
+            _add_metadata(writer, gguf, loaded, arch, name, tokenizer, any(t[2] == "TQ2_0" for t in tensors))
+            for tname, data, type_name in tensors:
+                raw_dtype = gguf.GGMLQuantizationType.TQ2_0 if type_name == "TQ2_0" else None
+                writer.add_tensor(tname, data, raw_dtype=raw_dtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.fout[0].flush()
+            os.fsync(writer.fout[0].fileno())
+        finally:
+            writer.close()
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    counts: dict[str, int] = {}
+    for _, _, type_name in tensors:
+        counts[type_name] = counts.get(type_name, 0) + 1
+    return WriteSummary(str(path), arch, len(tensors), path.stat().st_size, counts, ternary_encoding(model))
+
+
+def _tensors_to_write(loaded: LoadedModel, arch: str, float_type: str, path) -> list[tuple[str, np.ndarray, str]]:
+    """``(gguf name, array, GGML type name)`` for every tensor, checked against the config."""
+    model = loaded.config.model
+    specs = parameter_specs(model)
+    have = set(loaded.floats) | set(loaded.ternary)
+    extra = sorted(have - set(specs))
+    if extra:
+        raise ValueError(f"{path}: tensor {extra[0]} is not a parameter of this config")
+    out = []
+    for pname, entries in gguf_tensor_names(model, arch).items():
+        spec = specs[pname]
+        for tname, role in entries:
+            if len(tname.encode()) > MAX_TENSOR_NAME_BYTES:
+                raise ValueError(f"{path}: tensor name {tname!r} is longer than {MAX_TENSOR_NAME_BYTES} bytes")
+        if not spec.ternary:
+            arr = loaded.floats.get(pname)
+            if arr is None:
+                raise ValueError(f"{path}: float parameter {pname} is missing")
+            arr = np.asarray(arr)
+            if arr.shape != spec.shape or arr.dtype.kind != "f":
+                raise ValueError(f"{path}: float parameter {pname} has dtype {arr.dtype} shape {list(arr.shape)}, "
+                                 f"expected float {list(spec.shape)}")
+            if not np.isfinite(arr).all():
+                raise ValueError(f"{path}: float parameter {pname} holds non-finite values")
+            if float_type == "f16" and arr.ndim == 2 and not _is_mhc(pname):
+                half = arr.astype(np.float16)
+                if not np.isfinite(half).all():
+                    raise ValueError(f"{path}: float parameter {pname} overflows float16; export it as f32")
+                out.append((entries[0][0], half, "F16"))
+            else:
+                out.append((entries[0][0], np.ascontiguousarray(arr, dtype=np.float32), "F32"))
+            continue
+        packed, scales = _checked_ternary(loaded, pname, spec, model.group_size, path)
+        if entries[0][1] == "tq2_0":
+            out.append((entries[0][0], tq2_0_from_packed(packed, scales, model.group_size), "TQ2_0"))
+        else:
+            out.append((entries[0][0], packed.view(np.int8), "I8"))
+            out.append((entries[1][0], scales, "F32"))
+    return out
+
+
+def _checked_ternary(loaded, pname, spec, group_size, path):
+    if pname not in loaded.ternary:
+        raise ValueError(f"{path}: ternary parameter {pname} is missing")
+    packed, scales = (np.asarray(a) for a in loaded.ternary[pname])
+    m, k = spec.shape
+    if packed.dtype != np.uint8 or packed.shape != (m, k // 4):
+        raise ValueError(f"{path}: packed weight {pname} has dtype {packed.dtype} shape {list(packed.shape)}, "
+                         f"expected uint8 {[m, k // 4]}")
+    if scales.dtype.kind != "f" or scales.shape != (m, k // group_size):
+        raise ValueError(f"{path}: scales of {pname} have dtype {scales.dtype} shape {list(scales.shape)}, "
+                         f"expected float32 {[m, k // group_size]}")
+    scales = np.ascontiguousarray(scales, dtype=np.float32)
+    if not np.isfinite(scales).all():
+        raise ValueError(f"{path}: scales of {pname} hold non-finite values")
+    return np.ascontiguousarray(packed), scales
+
+
+def tq2_0_from_packed(packed: np.ndarray, scales: np.ndarray, group_size: int) -> np.ndarray:
+    """Canonical packed trits + per-group scales -> TQ2_0 bytes ``uint8 [M, K/256 * 66]``.
+
+    A TQ2_0 block holds 256 weights as 2-bit codes ``q + 1`` (0, 1, 2) followed by an fp16 scale
+    ``d``: byte ``32h + l`` of the 64 code bytes holds the weights ``128h + 32j + l`` (j = 0..3)
+    in bits ``2j..2j+1``. Each block takes the scale of the group it lies in, so the conversion is
+    lossless exactly when the scales are fp16 values (``quantize_weights`` guarantees it).
+    """
+    q = unpack_ternary(packed)
+    m, k = q.shape
+    if k % TQ2_0_BLOCK or group_size % TQ2_0_BLOCK:
+        raise ValueError(f"TQ2_0 needs K = {k} and group_size = {group_size} to be multiples of {TQ2_0_BLOCK}")
+    half = scales.astype(np.float16)
+    if not np.array_equal(half.astype(np.float32), scales.astype(np.float32)):
+        raise ValueError("TQ2_0 export: a weight scale is not exactly representable in float16")
+    n_blocks = m * (k // TQ2_0_BLOCK)
+    codes = (q.astype(np.int16) + 1).astype(np.uint8).reshape(n_blocks, 2, 4, 32)
+    qs = codes[:, :, 0] | (codes[:, :, 1] << 2) | (codes[:, :, 2] << 4) | (codes[:, :, 3] << 6)
+    d = np.repeat(half, group_size // TQ2_0_BLOCK, axis=1).reshape(n_blocks, 1).view(np.uint8)
+    return np.concatenate([qs.reshape(n_blocks, 64), d], axis=1).reshape(m, -1)
+
+
+def _tq2_0_to_packed(raw: np.ndarray, m: int, k: int, group_size: int, where: str):
+    """Inverse of ``tq2_0_from_packed``; rejects the unused code 3 and non-finite or uneven scales."""
+    n_blocks = m * (k // TQ2_0_BLOCK)
+    blocks = np.asarray(raw, dtype=np.uint8).reshape(n_blocks, TQ2_0_BLOCK_BYTES)
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    codes = (blocks[:, :64].reshape(n_blocks, 2, 1, 32) >> shifts) & np.uint8(3)
+    if (codes == 3).any():
+        block = int(np.argwhere((codes == 3).reshape(n_blocks, -1).any(axis=1))[0, 0])
+        raise GGUFError(f"{where} holds the unused TQ2_0 code 3 (weight value +2) in block {block}, "
+                        "so it is not a ternary weight")
+    q = (codes.astype(np.int8) - np.int8(1)).reshape(m, k)
+    d = np.ascontiguousarray(blocks[:, 64:]).view(np.float16).reshape(m, k // TQ2_0_BLOCK).astype(np.float32)
+    if not np.isfinite(d).all():
+        raise GGUFError(f"{where} has a non-finite TQ2_0 block scale")
+    per_group = d.reshape(m, k // group_size, group_size // TQ2_0_BLOCK)
+    if (per_group != per_group[:, :, :1]).any():
+        raise GGUFError(f"{where} has different TQ2_0 block scales inside one group of {group_size} weights")
+    return pack_ternary(q), np.ascontiguousarray(per_group[:, :, 0])
+
+
+def _tokenizer_metadata(tokenizer_json, vocab_size, path):
+    """Token list (padded to the model's vocab), types, merges and EOT id for ``tokenizer.ggml.*``."""
+    if tokenizer_json is None:
+        return None
+    from nanochat.tokenizer import Tokenizer
+
+    if not isinstance(tokenizer_json, str):
+        raise ValueError(f"{path}: tokenizer_json must be a string, got {type(tokenizer_json).__name__}")
+    tok = Tokenizer.from_json_str(tokenizer_json, source=f"{path}: tokenizer")
+    tokens = tok.vocab_list
+    if len(tokens) > vocab_size:
+        raise ValueError(f"{path}: the tokenizer has {len(tokens)} tokens but model.vocab_size is {vocab_size}")
+    types = [TOKEN_CONTROL if tok.is_special(i) else TOKEN_NORMAL for i in range(len(tokens))]
+    # Rows of the embedding beyond the tokenizer are never produced; llama.cpp wants one token per row.
+    pad = range(len(tokens), vocab_size)
+    return {
+        "tokens": tokens + [f"[PAD{i}]" for i in pad],
+        "types": types + [TOKEN_UNUSED] * len(pad),
+        "merges": tok.merge_strings(),
+        "eot": tok.eot_id,
+        "json": tokenizer_json,
+    }
+
+
+def _config_keys(model: ModelConfig):
+    """``(field name, value, spec kind)`` for every ModelConfig field."""
+    return [(f.name, getattr(model, f.name), f.metadata["spec"].kind) for f in fields(ModelConfig)]
+
+
+def _add_metadata(writer, gguf, loaded, arch, name, tokenizer, has_tq2_0):
+    V = gguf.GGUFValueType
+    model = loaded.config.model
+    writer.add_name(name or ARCH)
+    if has_tq2_0:
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        writer.add_file_type(gguf.LlamaFileType.MOSTLY_TQ2_0)
+    p = ARCH + "."
+    writer.add_uint32(p + "format_version", FORMAT_VERSION)
+    writer.add_string(p + "ternary_encoding", ternary_encoding(model))
+    for key, value, kind in _config_keys(model):
+        if kind == "bool":
+            writer.add_bool(p + key, bool(value))
+        elif kind == "int":
+            writer.add_int64(p + key, int(value))
+        elif kind == "float":
+            writer.add_float64(p + key, float(value))
+        elif kind == "str" or (kind == "layers" and isinstance(value, str)):
+            writer.add_key_value(p + key, value, V.STRING)
+        else:  # int_list, or a layers list
+            writer.add_key_value(p + key, [int(v) for v in value], V.ARRAY, sub_type=V.INT64)
+    if arch == BITNET_ARCH:
+        b = BITNET_ARCH + "."
+        for key, value in _bitnet_hparams(model).items():
+            if isinstance(value, float):
+                writer.add_float32(b + key, value)
+            else:
+                writer.add_uint32(b + key, value)
+    if tokenizer is not None:
+        writer.add_string(p + "tokenizer_json", tokenizer["json"])
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre("gpt-2")
+        writer.add_key_value("tokenizer.ggml.tokens", tokenizer["tokens"], V.ARRAY, sub_type=V.STRING)
+        writer.add_key_value("tokenizer.ggml.token_type", tokenizer["types"], V.ARRAY, sub_type=V.INT32)
+        writer.add_key_value("tokenizer.ggml.merges", tokenizer["merges"], V.ARRAY, sub_type=V.STRING)
+        writer.add_bos_token_id(tokenizer["eot"])
+        writer.add_eos_token_id(tokenizer["eot"])
+        writer.add_eot_token_id(tokenizer["eot"])
+        writer.add_add_bos_token(False)
+
+
+def _bitnet_hparams(model: ModelConfig) -> dict[str, int | float]:
+    """The ``bitnet.*`` hyper-parameters llama.cpp reads (float values are float32 keys)."""
+    return {
+        "vocab_size": model.vocab_size,
+        "context_length": model.seq_len,
+        "embedding_length": model.dim,
+        "block_count": model.n_layers,
+        "feed_forward_length": model.ffn_hidden,
+        "attention.head_count": model.n_heads,
+        "attention.head_count_kv": model.n_kv_heads,
+        "attention.layer_norm_rms_epsilon": float(model.norm_eps),
+        "rope.freq_base": float(model.rope_theta),
+        "rope.dimension_count": model.head_dim,
+    }
+
+
+# --- reading: the bounded structural scan -----------------------------------------------------
+
+_GGUF_MAGIC = b"GGUF"
+_READ_VERSIONS = (2, 3)
+_MAX_KEY_BYTES = 1 << 16
+_MAX_NAME_BYTES = 1 << 12
+_MAX_DIMS = 4
+_MAX_ALIGNMENT = 1 << 16
+_MIN_KV_BYTES = 8 + 4 + 1            # key length, value type, smallest value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8
+
+
+@dataclass
+class _KV:
+    vtype: int                 # GGUFValueType
+    subtype: int | None        # item type of an array
+    value: Any                 # python scalar, str, np.ndarray (scalar array) or list[str]
+
+
+@dataclass
+class _TensorInfo:
+    name: str
+    ggml_type: int
+    shape: tuple[int, ...]     # numpy order (GGUF ne reversed)
+    offset: int                # absolute file offset of the data
+    n_bytes: int
+
+
+@dataclass
+class _Header:
+    version: int
+    kv: dict[str, _KV]
+    tensors: dict[str, _TensorInfo]
+    data_offset: int
+    file_size: int
+
+
+class _Scanner:
+    """Reads little-endian GGUF fields with a bounds check before every read."""
+
+    def __init__(self, buf, size, path):
+        self.buf, self.size, self.path, self.pos = buf, size, path, 0
+
+    def fail(self, problem):
+        raise GGUFError(f"{self.path}: {problem}.")
+
+    def need(self, n, what):
+        if n > self.size - self.pos:
+            self.fail(f"the file is truncated inside {what} (needs {n} bytes at offset {self.pos}, "
+                      f"the file has {self.size})")
+
+    def unpack(self, fmt, what):
+        s = struct.calcsize(fmt)
+        self.need(s, what)
+        value = struct.unpack_from(fmt, self.buf, self.pos)[0]
+        self.pos += s
+        return value
+
+    def string(self, what, limit=None):
+        n = self.unpack("<Q", f"the length of {what}")
+        if limit is not None and n > limit:
+            self.fail(f"{what} is {n} bytes long, more than the {limit} allowed")
+        self.need(n, what)
+        raw = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        try:
+            return bytes(raw).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self.fail(f"{what} is not valid UTF-8 (bad byte at position {exc.start})")
+
+
+def _value_formats():
+    V = _gguf().GGUFValueType
+    return {
+        V.UINT8: "<B", V.INT8: "<b", V.UINT16: "<H", V.INT16: "<h", V.UINT32: "<I", V.INT32: "<i",
+        V.FLOAT32: "<f", V.UINT64: "<Q", V.INT64: "<q", V.FLOAT64: "<d", V.BOOL: "<B",
+    }
+
+
+def _scan_value(sc: _Scanner, vtype: int, key: str) -> _KV:
+    gguf = _gguf()
+    V = gguf.GGUFValueType
+    formats = _value_formats()
+    what = f"metadata key {key!r}"
+    if vtype in formats:
+        value = sc.unpack(formats[vtype], what)
+        if vtype == V.BOOL:
+            if value > 1:
+                sc.fail(f"{what} is a bool holding byte {value}, not 0 or 1")
+            value = bool(value)
+        return _KV(vtype, None, value)
+    if vtype == V.STRING:
+        return _KV(vtype, None, sc.string(what))
+    if vtype != V.ARRAY:
+        sc.fail(f"{what} has unknown value type {vtype}")
+    subtype = sc.unpack("<I", f"the item type of {what}")
+    count = sc.unpack("<Q", f"the length of {what}")
+    if subtype == V.STRING:
+        if count > (sc.size - sc.pos) // 8:
+            sc.fail(f"{what} announces {count} strings, more than the rest of the file can hold")
+        items = [sc.string(f"item {i} of {what}") for i in range(count)]
+        return _KV(vtype, subtype, items)
+    if subtype not in formats:
+        kind = "nested arrays are not supported" if subtype == V.ARRAY else f"unknown item type {subtype}"
+        sc.fail(f"{what} is an array with {kind}")
+    itemsize = struct.calcsize(formats[subtype])
+    if count > (sc.size - sc.pos) // itemsize:
+        sc.fail(f"{what} announces {count} items, more than the rest of the file can hold")
+    raw = bytes(sc.buf[sc.pos:sc.pos + count * itemsize])
+    sc.pos += count * itemsize
+    arr = np.frombuffer(raw, dtype=np.dtype(formats[subtype]))
+    if subtype == V.BOOL:
+        if (arr > 1).any():
+            sc.fail(f"{what} is a bool array holding a byte that is not 0 or 1")
+        arr = arr.astype(bool)
+    return _KV(vtype, subtype, arr)
+
+
+@contextmanager
+def _mapped(path: str):
+    """``(buffer, size)`` of a read-only mapping of ``path``; GGUFError if it is not a readable GGUF-sized file."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise GGUFError(f"{path}: the file does not exist.") from None
+    except IsADirectoryError:
+        raise GGUFError(f"{path}: the path is a directory, not a GGUF file.") from None
+    except OSError as exc:
+        raise GGUFError(f"{path}: the file cannot be opened ({exc.strerror or exc}).") from None
+    with f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise GGUFError(f"{path}: the path is not a regular file.")
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise GGUFError(f"{path}: the file is {size} bytes, too short for a GGUF header (24 bytes); "
+                            "it is truncated or not a GGUF file.")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            # Slices of an mmap are bytes copies, so no view outlives the mapping.
+            yield buf, size
+
+
+def _scan(path: str) -> _Header:
+    """The bounded structural scan of ``path`` alone (header, metadata, tensor table)."""
+    with _mapped(path) as (buf, size):
+        return _scan_buffer(buf, size, path)
+
+
+def _scan_buffer(buf, size, path) -> _Header:
+    gguf = _gguf()
+    sc = _Scanner(buf, size, path)
+    magic = bytes(buf[:4])
+    if magic != _GGUF_MAGIC:
+        sc.fail(f"the magic is {magic!r}, expected {_GGUF_MAGIC!r} (not a GGUF file)")
+    sc.pos = 4
+    version = sc.unpack("<I", "the version")
+    if version not in _READ_VERSIONS:
+        if version and version & 0xFFFF == 0:
+            sc.fail(f"the version field reads {version:#x}, a big-endian GGUF file, which is not supported")
+        sc.fail(f"version {version} is not supported (readable versions: 2, 3)")
+    n_tensors = sc.unpack("<Q", "the tensor count")
+    n_kv = sc.unpack("<Q", "the metadata count")
+    if n_kv > (size - sc.pos) // _MIN_KV_BYTES:
+        sc.fail(f"the header announces {n_kv} metadata entries, more than the file can hold")
+    if n_tensors > (size - sc.pos) // _MIN_TENSOR_INFO_BYTES:
+        sc.fail(f"the header announces {n_tensors} tensors, more than the file can hold")
+    kv: dict[str, _KV] = {}
+    for i in range(n_kv):
+        key = sc.string(f"the key of metadata entry {i}", limit=_MAX_KEY_BYTES)
+        if not key:
+            sc.fail(f"metadata entry {i} has an empty key")
+        if key in kv:
+            sc.fail(f"metadata key {key!r} appears twice")
+        vtype = sc.unpack("<I", f"the value type of metadata key {key!r}")
+        kv[key] = _scan_value(sc, vtype, key)
+    alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+    if "general.alignment" in kv:
+        a = kv["general.alignment"]
+        if a.vtype != gguf.GGUFValueType.UINT32 or not (0 < a.value <= _MAX_ALIGNMENT) or a.value & (a.value - 1):
+            sc.fail(f"metadata key 'general.alignment' must be a uint32 power of two up to {_MAX_ALIGNMENT}")
+        alignment = a.value
+    infos = []
+    for i in range(n_tensors):
+        infos.append(_scan_tensor_info(sc, i, gguf))
+    data_offset = -(-sc.pos // alignment) * alignment
+    tensors: dict[str, _TensorInfo] = {}
+    end = data_offset
+    for name, ggml_type, shape, rel, n_bytes in infos:
+        if name in tensors:
+            sc.fail(f"tensor {name!r} appears twice")
+        if rel % alignment:
+            sc.fail(f"tensor {name!r} starts at data offset {rel}, not a multiple of the alignment {alignment}")
+        start = data_offset + rel
+        if start + n_bytes > size:
+            sc.fail(f"tensor {name!r} needs bytes {start}..{start + n_bytes} but the file ends at {size}; "
+                    "the file is truncated")
+        tensors[name] = _TensorInfo(name, ggml_type, shape, start, n_bytes)
+    spans = sorted((t.offset, t.offset + t.n_bytes, t.name) for t in tensors.values())
+    for (s0, e0, n0), (s1, _, n1) in zip(spans, spans[1:]):
+        if s1 < e0:
+            sc.fail(f"the data of tensors {n0!r} and {n1!r} overlap")
+    if spans:
+        end = spans[-1][1]
+    padded_end = -(-end // alignment) * alignment
+    if size > max(padded_end, data_offset):
+        sc.fail(f"{size - max(padded_end, data_offset)} bytes of trailing data follow the last tensor")
+    return _Header(version, kv, tensors, data_offset, size)
+
+
+def _scan_tensor_info(sc: _Scanner, index: int, gguf):
+    name = sc.string(f"the name of tensor {index}", limit=_MAX_NAME_BYTES)
+    what = f"tensor {name!r}"
+    n_dims = sc.unpack("<I", f"the dimension count of {what}")
+    if not 1 <= n_dims <= _MAX_DIMS:
+        sc.fail(f"{what} has {n_dims} dimensions, expected 1 to {_MAX_DIMS}")
+    ne = [sc.unpack("<Q", f"the dimensions of {what}") for _ in range(n_dims)]
+    raw_type = sc.unpack("<I", f"the type of {what}")
+    try:
+        ggml_type = gguf.GGMLQuantizationType(raw_type)
+        block, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
+    except (ValueError, KeyError):
+        sc.fail(f"{what} has unknown GGML type {raw_type}")
+    rel = sc.unpack("<Q", f"the data offset of {what}")
+    if any(n == 0 for n in ne):
+        sc.fail(f"{what} has an empty dimension (ne = {ne})")
+    if ne[0] % block:
+        sc.fail(f"{what} has a first dimension of {ne[0]}, not a multiple of the {ggml_type.name} block size {block}")
+    n_elements = math.prod(ne)  # python ints: no overflow
+    n_bytes = n_elements // block * type_size
+    if n_bytes > sc.size:
+        sc.fail(f"{what} with ne = {ne} needs {n_bytes} bytes, more than the whole file ({sc.size})")
+    return name, int(ggml_type), tuple(reversed(ne)), rel, n_bytes
+
+
+# --- reading: metadata -> Config ----------------------------------------------------------------
+
+
+def _fail(path, problem) -> None:
+    problem = " ".join(str(problem).split())  # one line, whatever a library message held
+    end = "" if problem.endswith(".") else "."
+    raise GGUFError(f"{path}: {problem}{end}")
+
+
+def _type_name(kv: _KV) -> str:
+    V = _gguf().GGUFValueType
+    if kv.vtype == V.ARRAY:
+        return f"array of {V(kv.subtype).name}" if kv.subtype in set(V) else "array"
+    return V(kv.vtype).name
+
+
+def _require(header: _Header, key: str, kinds: tuple[str, ...], path):
+    """The value of ``key`` if its GGUF type is one of ``kinds`` (int, float, bool, str, int_array, str_array)."""
+    if key not in header.kv:
+        _fail(path, f"required metadata key {key!r} is missing")
+    kv = header.kv[key]
+    value = _typed_value(kv, kinds)
+    if value is _WRONG:
+        _fail(path, f"metadata key {key!r} has type {_type_name(kv)}, expected {' or '.join(kinds)}")
+    return value
+
+
+_WRONG = object()
+
+
+def _typed_value(kv: _KV, kinds):
+    V = _gguf().GGUFValueType
+    ints = {V.UINT8, V.INT8, V.UINT16, V.INT16, V.UINT32, V.INT32, V.UINT64, V.INT64}
+    floats = {V.FLOAT32, V.FLOAT64}
+    for kind in kinds:
+        if kind == "int" and kv.vtype in ints:
+            return int(kv.value)
+        if kind == "float" and kv.vtype in floats:
+            return float(kv.value)
+        if kind == "bool" and kv.vtype == V.BOOL:
+            return bool(kv.value)
+        if kind == "str" and kv.vtype == V.STRING:
+            return kv.value
+        if kind == "int_array" and kv.vtype == V.ARRAY and kv.subtype in ints:
+            return [int(v) for v in kv.value]
+        if kind == "str_array" and kv.vtype == V.ARRAY and kv.subtype == V.STRING:
+            return kv.value
+    return _WRONG
+
+
+_KIND_TO_GGUF = {
+    "bool": ("bool",),
+    "int": ("int",),
+    "float": ("float", "int"),
+    "str": ("str",),
+    "int_list": ("int_array",),
+    "layers": ("str", "int_array"),
+}
+
+
+def _config_from_metadata(header: _Header, path) -> Config:
+    p = ARCH + "."
+    version = _require(header, p + "format_version", ("int",), path)
+    if version != FORMAT_VERSION:
+        _fail(path, f"metadata key '{p}format_version' is {version}; this reader understands version {FORMAT_VERSION}")
+    values = {}
+    for f in fields(ModelConfig):
+        kind = f.metadata["spec"].kind
+        values[f.name] = _require(header, p + f.name, _KIND_TO_GGUF[kind], path)
+    try:
+        return Config.from_dict({"model": values}, source=f"{path}: metadata '{ARCH}.*'")
+    except ConfigError as exc:
+        raise GGUFError(" ".join(str(exc).split())) from None
+
+
+def _check_tensor_budget(model: ModelConfig, n_tensors: int, path) -> None:
+    """Refuse configs that need more tensors than the file has, before sizing anything by them."""
+    if 2 * model.n_layers + 2 > n_tensors:
+        _fail(path, f"metadata says n_layers = {model.n_layers}, which needs at least {2 * model.n_layers + 2} "
+                    f"tensors, but the file has {n_tensors}")
+    if 3 * model.n_experts > n_tensors:
+        _fail(path, f"metadata says n_experts = {model.n_experts}, which needs at least {3 * model.n_experts} "
+                    f"tensors, but the file has {n_tensors}")
+    if model.mtp_n_tokens > n_tensors:
+        _fail(path, f"metadata says mtp_n_tokens = {model.mtp_n_tokens}, more than the {n_tensors} tensors in the file")
+
+
+def _check_bitnet_metadata(header: _Header, model: ModelConfig, path) -> None:
+    problems = bitnet_problems(model)
+    if problems:
+        _fail(path, f"the file says architecture 'bitnet' but its config has {'; '.join(problems)}")
+    for key, expected in _bitnet_hparams(model).items():
+        full = f"{BITNET_ARCH}.{key}"
+        kinds = ("float",) if isinstance(expected, float) else ("int",)
+        value = _require(header, full, kinds, path)
+        if isinstance(expected, float):
+            same = np.float32(value) == np.float32(expected)
+        else:
+            same = value == expected
+        if not same:
+            _fail(path, f"metadata key {full!r} is {value}, but the nanochat-ternary config gives {expected}")
+
+
+def _tokenizer_from_metadata(header: _Header, model: ModelConfig, path) -> str | None:
+    key = ARCH + ".tokenizer_json"
+    if key not in header.kv:
+        return None
+    text = _require(header, key, ("str",), path)
+    from nanochat.tokenizer import Tokenizer
+
+    try:
+        tok = Tokenizer.from_json_str(text, source=f"metadata key {key!r}")
+    except ValueError as exc:
+        _fail(path, str(exc).rstrip("."))
+    except BaseException as exc:  # the Rust library can panic on hostile JSON (PanicException is a BaseException)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
+        _fail(path, f"metadata key {key!r} is not a valid tokenizer ({type(exc).__name__})")
+    if tok.vocab_size > model.vocab_size:
+        _fail(path, f"metadata key {key!r} holds a tokenizer of {tok.vocab_size} tokens, more than "
+                    f"model.vocab_size = {model.vocab_size}")
+    if "tokenizer.ggml.tokens" in header.kv:
+        tokens = _require(header, "tokenizer.ggml.tokens", ("str_array",), path)
+        if len(tokens) != model.vocab_size:
+            _fail(path, f"metadata key 'tokenizer.ggml.tokens' lists {len(tokens)} tokens, expected "
+                        f"model.vocab_size = {model.vocab_size}")
+    return text
+
+
+# --- reading: tensors ---------------------------------------------------------------------------
+
+
+def _ggml_name(ggml_type: int) -> str:
+    try:
+        return _gguf().GGMLQuantizationType(ggml_type).name
+    except ValueError:
+        return f"type {ggml_type}"
+
+
+def _expected_tensors(model: ModelConfig, arch: str):
+    """gguf name -> (parameter name, role, numpy shape, allowed GGML types)."""
+    T = _gguf().GGMLQuantizationType
+    specs = parameter_specs(model)
+    G = model.group_size
+    out = {}
+    for pname, entries in gguf_tensor_names(model, arch).items():
+        m_k = specs[pname].shape
+        for tname, role in entries:
+            if role == "float":
+                out[tname] = (pname, role, m_k, (T.F32,) if _is_mhc(pname) else (T.F32, T.F16))
+            elif role == "tq2_0":
+                out[tname] = (pname, role, m_k, (T.TQ2_0,))
+            elif role == "packed":
+                out[tname] = (pname, role, (m_k[0], m_k[1] // 4), (T.I8,))
+            else:
+                out[tname] = (pname, role, (m_k[0], m_k[1] // G), (T.F32,))
+    return out
+
+
+def _cross_check_with_gguf_reader(path, header: _Header) -> None:
+    """Open the file with ``gguf.GGUFReader`` too and require the same tensor table as the scan."""
+    gguf = _gguf()
+    try:
+        reader = gguf.GGUFReader(path, "r")
+        tensors = {t.name: t for t in reader.tensors}
+        if reader.data_offset != header.data_offset or set(tensors) != set(header.tensors):
+            raise ValueError("its tensor table differs from the bounded scan")
+        for name, info in header.tensors.items():
+            t = tensors[name]
+            if int(t.tensor_type) != info.ggml_type or t.data_offset != info.offset or t.n_bytes != info.n_bytes:
+                raise ValueError(f"it places tensor {name!r} differently from the bounded scan")
+        if reader.fields["general.architecture"].contents() != header.kv["general.architecture"].value:
+            raise ValueError("it reads a different general.architecture")
+    except Exception as exc:  # anything the package raises becomes one sentence
+        _fail(path, f"the gguf package reads the file differently ({type(exc).__name__}: {exc})")
+
+
+_NUMPY_TYPES = {"F32": "<f4", "F16": "<f2", "I8": "i1"}
+
+
+def _tensor_array(buf, info: _TensorInfo) -> np.ndarray:
+    """The tensor's bytes as a fresh numpy array (byte rows for quantized types)."""
+    raw = buf[info.offset:info.offset + info.n_bytes]  # bounds proven by the scan
+    name = _ggml_name(info.ggml_type)
+    if name in _NUMPY_TYPES:
+        return np.frombuffer(raw, dtype=_NUMPY_TYPES[name]).reshape(info.shape)
+    return np.frombuffer(raw, dtype=np.uint8).reshape(info.shape[:-1] + (-1,))
+
+
+def _float_data(arr: np.ndarray, info: _TensorInfo, path) -> np.ndarray:
+    arr = arr.astype(np.float32)  # a writable copy
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        index = [int(i) for i in np.argwhere(bad)[0]]
+        _fail(path, f"tensor {info.name!r} holds a non-finite value ({arr[tuple(index)]}) at index {index}")
+    return arr
+
+
+def read_gguf(path, cross_check: bool = False) -> LoadedModel:
+    """Read a ``nanochat-ternary`` or ``bitnet`` GGUF written by this module, validating everything.
+
+    Raises ``GGUFError`` (a ``ValueError``) with one sentence naming the file, the field or
+    tensor and the problem: missing/truncated file, wrong magic or version, unknown
+    architecture, missing or mistyped metadata, an invalid config, missing/unexpected tensors,
+    wrong tensor type or shape, NaN/Inf in float tensors or TQ2_0 scales.
+
+    The metadata and tensor table come from the bounded scan and the data from the same
+    mapping. ``cross_check=True`` also parses the file with ``gguf.GGUFReader`` and requires it
+    to agree (slow for large vocabularies: the package builds one array view per token).
+    """
+    path = os.fspath(path)
+    with _mapped(path) as (buf, size):
+        header = _scan_buffer(buf, size, path)
+        config, tokenizer_json, expected = _validate(header, path)
+        arrays = {tname: _tensor_array(buf, header.tensors[tname]) for tname in expected}
+    if cross_check:
+        _cross_check_with_gguf_reader(path, header)
+    model = config.model
+    floats: dict[str, np.ndarray] = {}
+    ternary: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    packed_parts: dict[str, dict[str, np.ndarray]] = {}
+    for tname, (pname, role, shape, _) in expected.items():
+        arr, info = arrays.pop(tname), header.tensors[tname]
+        if role == "float":
+            floats[pname] = _float_data(arr, info, path)
+        elif role == "tq2_0":
+            ternary[pname] = _tq2_0_to_packed(arr, shape[0], shape[1], model.group_size, f"{path}: tensor {tname!r}")
+        elif role == "packed":
+            packed_parts.setdefault(pname, {})["packed"] = arr.view(np.uint8).copy()
+        else:
+            packed_parts.setdefault(pname, {})["scales"] = _float_data(arr, info, path)
+    for pname, parts in packed_parts.items():
+        ternary[pname] = (parts["packed"], parts["scales"])
+    return LoadedModel(config=config, floats=floats, ternary=ternary, tokenizer_json=tokenizer_json, source=path)
+
+
+def _validate(header: _Header, path):
+    """Config, tokenizer JSON and the expected tensor table, each checked against the file."""
+    arch = _require(header, "general.architecture", ("str",), path)
+    if arch not in ARCHITECTURES:
+        _fail(path, f"architecture {arch!r} is not supported (this reader knows {ARCH!r} and {BITNET_ARCH!r})")
+    config = _config_from_metadata(header, path)
+    model = config.model
+    encoding = _require(header, ARCH + ".ternary_encoding", ("str",), path)
+    if encoding != ternary_encoding(model):
+        _fail(path, f"metadata key '{ARCH}.ternary_encoding' is {encoding!r}, but group_size = {model.group_size} "
+                    f"is stored as {ternary_encoding(model)!r}")
+    _check_tensor_budget(model, len(header.tensors), path)
+    if arch == BITNET_ARCH:
+        _check_bitnet_metadata(header, model, path)
+    tokenizer_json = _tokenizer_from_metadata(header, model, path)
+
+    expected = _expected_tensors(model, arch)
+    for tname in expected:
+        if tname not in header.tensors:
+            _fail(path, f"tensor {tname!r} is missing (the config needs {len(expected)} tensors, "
+                        f"the file has {len(header.tensors)})")
+    for tname in header.tensors:
+        if tname not in expected:
+            _fail(path, f"tensor {tname!r} is not part of a {arch} model with this config")
+    for tname, (pname, role, shape, types) in expected.items():
+        info = header.tensors[tname]
+        if info.ggml_type not in types:
+            _fail(path, f"tensor {tname!r} has type {_ggml_name(info.ggml_type)}, expected "
+                        f"{' or '.join(t.name for t in types)}")
+        if info.shape != shape:
+            _fail(path, f"tensor {tname!r} has shape {list(info.shape)}, expected {list(shape)} for this config")
+    return config, tokenizer_json, expected
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def loaded_from_checkpoint(ckpt_dir) -> LoadedModel:
+    """A ``LoadedModel`` from a training checkpoint (a step directory or a run directory).
+
+    BitLinear shadow weights are quantized exactly as the training forward does
+    (``quantize_weights`` then ``pack_ternary``). Raises ``ValueError`` (``CheckpointError``,
+    ``ConfigError``) naming the directory and the problem.
+    """
+    from nanochat.checkpoint import load_checkpoint
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover
+        import tomli as tomllib
+
+    ck = load_checkpoint(ckpt_dir)
+    where = Path(ck["path"])
+    try:
+        raw = tomllib.loads(ck["config_toml"])
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{where / 'config.toml'}: invalid TOML ({exc})") from None
+    config = Config.from_dict(raw, source=f"checkpoint config {where / 'config.toml'}")
+    tokenizer_json = None
+    if ck.get("tokenizer_path") is not None:
+        try:
+            tokenizer_json = Path(ck["tokenizer_path"]).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{ck['tokenizer_path']}: the tokenizer cannot be read ({exc})") from None
+    loaded = quantize_params(config, ck["params"], tokenizer_json, source=f"checkpoint {where}")
+    loaded.source = str(where)
+    return loaded

@@ -1,0 +1,129 @@
+"""Decode speed of the inference engine: packed ternary kernels vs float32 dequantized weights.
+
+    .venv/bin/python scripts/bench_decode.py [--configs tiny nano_125m] [--tokens 32] [--backend numba]
+
+For each preset, a model with random weights (trits uniform over {-1, 0, +1}, fp16-exact
+scales; no training needed: speed does not depend on the values) runs twice on the same
+backend: with the packed kernels (``packed_gemv`` per decode step) and with
+``dequantized=True`` (float32 matmuls with ``W = q * s``). Reported: decode tokens/s (one
+token per forward, KV cache on, greedy sampling included) after a prompt of ``--prompt``
+tokens, the prefill rate of that prompt, and the weight bytes each path streams per token.
+Not a test; numbers vary +-20% between runs on a shared machine.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nanochat.config import count_parameters, load_config  # noqa: E402
+from nanochat.engine import Engine, expected_tensors  # noqa: E402
+from reference.ternary import pack_ternary  # noqa: E402
+
+
+def random_loaded(cfg, seed=0):
+    """A LoadedModel-shaped object with random weights for ``cfg`` (a Config)."""
+    rng = np.random.default_rng(seed)
+    floats, ternary = expected_tensors(cfg.model)
+    f = {}
+    for name, shape in floats.items():
+        if name.endswith("norm"):
+            f[name] = np.ones(shape, np.float32)
+        else:
+            f[name] = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+    t = {}
+    g = cfg.model.group_size
+    for name, (m, k) in ternary.items():
+        q = rng.integers(-1, 2, size=(m, k), dtype=np.int8)
+        scales = rng.uniform(0.01, 0.05, size=(m, k // g)).astype(np.float16).astype(np.float32)
+        t[name] = (pack_ternary(q), scales)
+    return SimpleNamespace(config=cfg, floats=f, ternary=t, tokenizer_json=None, source=f"random {cfg.model}")
+
+
+def cpu_name():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def decode_rate(engine, prompt, n_tokens, repeats):
+    """(median decode tokens/s, prefill tokens/s) over ``repeats`` runs."""
+    rates, prefill = [], []
+    for _ in range(repeats):
+        engine.reset()
+        t0 = time.perf_counter()
+        logits = engine.feed(prompt)[-1]
+        t1 = time.perf_counter()
+        for _ in range(n_tokens):
+            logits = engine.step(int(np.argmax(logits)))
+        t2 = time.perf_counter()
+        prefill.append(len(prompt) / (t1 - t0))
+        rates.append(n_tokens / (t2 - t1))
+    return statistics.median(rates), statistics.median(prefill)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", nargs="+", default=["tiny", "nano_125m"])
+    p.add_argument("--tokens", type=int, default=32, help="decode steps per run")
+    p.add_argument("--prompt", type=int, default=16, help="prompt length")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--backend", default="numba")
+    p.add_argument("--threads", type=int, default=0, help="numba threads (0: numba's default)")
+    args = p.parse_args(argv)
+
+    from backends import get_backend
+
+    be = get_backend(args.backend)
+    print(f"machine: {cpu_name()}, {os.cpu_count()} logical cores; backend {be.name} ({be.description})")
+    try:
+        import numba
+
+        if args.threads:
+            numba.set_num_threads(args.threads)
+        print(f"numba threads: {numba.get_num_threads()}")
+    except ImportError:
+        pass
+    for name in args.configs:
+        cfg = load_config(name)
+        n_params = count_parameters(cfg.model)["total"]
+        loaded = random_loaded(cfg)
+        n_ternary = sum(packed.shape[0] * packed.shape[1] * 4 for packed, _ in loaded.ternary.values())
+        prompt = np.random.default_rng(1).integers(0, cfg.model.vocab_size, args.prompt)
+        print(f"\n{name}: {n_params / 1e6:.1f}M parameters ({n_ternary / 1e6:.1f}M ternary), "
+              f"dim {cfg.model.dim}, {cfg.model.n_layers} layers, vocab {cfg.model.vocab_size}, "
+              f"group {cfg.model.group_size}")
+        results = {}
+        for label, dequantized in (("packed", False), ("float32 dequantized", True)):
+            t0 = time.perf_counter()
+            engine = Engine(loaded, be, dequantized=dequantized, max_len=args.prompt + args.tokens + 1)
+            load_s = time.perf_counter() - t0
+            decode_rate(engine, prompt[:4], 2, 1)  # compile / warm up
+            rate, pre = decode_rate(engine, prompt, args.tokens, args.repeats)
+            kernel = ""
+            if not dequantized:
+                handle = next(iter(engine.linear.values()))
+                kernel = f", kernel {getattr(handle, 'kernel', type(handle).__name__)}"
+            weight_mb = n_ternary * (0.25 if not dequantized else 4) / 1e6
+            results[label] = rate
+            print(f"  {label:20s} decode {rate:8.1f} tokens/s | prefill {pre:8.1f} tokens/s | "
+                  f"ternary weights {weight_mb:7.1f} MB | load {load_s:5.1f} s{kernel}")
+            del engine
+        print(f"  packed / float32 decode speed: {results['packed'] / results['float32 dequantized']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
