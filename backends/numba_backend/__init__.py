@@ -1,7 +1,13 @@
 """Numba CPU backend (Triangle vertex 2): kernels for the hot ops, reference for the rest."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+# Numba's OpenMP workers spin while they wait by default; on a busy 2-core machine every small
+# parallel kernel then costs milliseconds. Passive waiting must be chosen before numba loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def probe():

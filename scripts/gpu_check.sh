@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One short GPU check for a lent CUDA machine (no network there, nothing to install):
+# prints the device, runs the cupy triangle tests and the GPU benchmarks, and writes
+# everything under $OUT (default ./gpu-results). Pure-Python dependencies missing on the
+# device can be carried in .gpu_deps/ (pip install --target .gpu_deps tokenizers ...).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu-results}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+if [ -d .gpu_deps ]; then export PYTHONPATH="$PWD/.gpu_deps:${PYTHONPATH:-}"; fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 || true
+  "$PY" - <<'PY'
+import cupy, sys
+print("python", sys.version.split()[0], "cupy", cupy.__version__,
+      "device", cupy.cuda.runtime.getDeviceProperties(0)["name"].decode())
+PY
+} 2>&1 | tee "$OUT/device.txt"
+timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m "triangle or gpu" tests/test_triangle.py tests/test_cupy_compile.py 2>&1 | tail -40 | tee "$OUT/triangle.txt"
+timeout 300 "$PY" scripts/bench_gpu.py --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench.txt"
+echo "results in $OUT"
