@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	cd asv_bench && ../$(PY) -m asv run --python=same --quick
+	cd asv_bench && ../$(PY) -m asv machine --yes && ../$(PY) -m asv run --python=same --quick
 
 clean-venv:
 	rm -rf $(VENV)
