@@ -1,2 +1,19 @@
-"""The ops the numba backend overrides, by reference op name."""
+"""The ops the numba backend overrides, by reference op name.
+
+- ``linear``: ``ternary_linear`` for training (numba quantizers + exact grouped float32 sgemm).
+- ``nn``: fused RMSNorm, SwiGLU / ReLU²-GLU, RoPE, softmax, cross-entropy (float32).
+- ``quant``: bit-exact quantizers and 2-bit packing.
+- ``packed``: packed-ternary GEMV/GEMM for inference.
+
+Every name here has a check in ``tests/test_triangle.py``; an op without one fails that suite.
+"""
+from .linear import OPS as _LINEAR
+from .nn import OPS as _NN
+from .packed import OPS as _PACKED
+from .quant import OPS as _QUANT
+
 OPS = {}
+for _group in (_LINEAR, _NN, _QUANT, _PACKED):
+    _clash = set(OPS) & set(_group)
+    assert not _clash, f"numba ops defined twice: {sorted(_clash)}"
+    OPS.update(_group)
