@@ -215,6 +215,8 @@ class OptimConfig:
     galore_inner: str = _key("muon", "Optimizer GaLore wraps: `muon` or `adamw`.", choices=("muon", "adamw"))
     galore_oversample: int = _key(8, "Extra columns of the randomized SVD sketch.", ge=0)
     galore_power_iters: int = _key(2, "Power iterations of the randomized SVD.", ge=0)
+    galore_projector_dtype: str = _key("float16", "Storage dtype of the GaLore projectors (`float16` halves their memory; math runs in float32).",
+                                       choices=("float16", "float32"))
     grad_clip: float = _key(1.0, "Clip gradients to this global L2 norm; 0 = no clipping.", ge=0)
     warmup_steps: int = _key(20, "Linear warmup steps (step 0 already warms up).", ge=0)
     decay_frac: float = _key(0.2, "Fraction of the run (at its end) over which the learning rate decays.", ge=0, le=1)

@@ -348,7 +348,13 @@ class Model:
             z = h + self._bitlinear(be.rmsnorm(h, P[f"mtp.{i}.norm"], eps=c.norm_eps), f"mtp.{i}.proj", selection)
             zn = be.rmsnorm(z, P["norm"], eps=c.norm_eps)
             logits = self._logits(zn.reshape(b * t, c.dim))
-            loss_i = be.cross_entropy(logits, targets.reshape(-1), weights, ignore_index=IGNORE)
+            if weights is None:
+                loss_i = be.cross_entropy(logits, targets.reshape(-1), ignore_index=IGNORE)
+            else:
+                # As for the main CE under Collider: filtered positions weigh 0 and the sum is divided
+                # by every scored position, so filtering does not rescale the MTP term.
+                loss_i = be.cross_entropy(logits, targets.reshape(-1), weights, ignore_index=IGNORE,
+                                          reduction="sum") * (1.0 / (b * valid))
             term = loss_i * (0.5 ** i)
             total = term if total is None else total + term
         return total
@@ -383,7 +389,7 @@ def collider_keep(token_losses, sparsity, xp):
     if n_drop > 0:
         order = xp.argsort(token_losses, axis=1, kind="stable")
         drop = order[:, :n_drop]
-        xp.put_along_axis(weights, drop, 0, axis=1)
+        weights[xp.arange(b)[:, None], drop] = 0
     weights = weights.reshape(-1)
     rows = xp.nonzero(weights)[0]
     return weights, rows

@@ -542,7 +542,8 @@ class GaLore(Optimizer):
     """
 
     def __init__(self, params, lr, inner="muon", rank=128, update_freq=200, scale=0.25, min_dim=256,
-                 oversample=8, power_iters=2, seed=0, weight_decay=0.0, kernels=None, **inner_options):
+                 oversample=8, power_iters=2, seed=0, weight_decay=0.0, kernels=None, projector_dtype=None,
+                 **inner_options):
         super().__init__(params, lr, kernels)
         if inner not in GALORE_INNER:
             raise ValueError(f"GaLore inner optimizer must be one of {GALORE_INNER}, got {inner!r}")
@@ -563,6 +564,9 @@ class GaLore(Optimizer):
         self.power_iters = power_iters
         self.seed = seed
         self.weight_decay = weight_decay
+        # Storing P in float16 halves the projector's share of the state; it is an orthonormal
+        # basis refreshed every update_freq steps, so fp16's 11-bit mantissa is ample.
+        self.projector_dtype = None if projector_dtype is None else np.dtype(projector_dtype)
 
     def projects(self, shape):
         """Whether a parameter of this shape is projected."""
@@ -576,7 +580,8 @@ class GaLore(Optimizer):
             return self.inner._state_spec(shape, dtype)
         r = self._rank_for(shape)
         side_dim = shape[0] if galore_side(shape) == "left" else shape[1]
-        return {"P": ((side_dim, r), dtype), **self.inner._state_spec(galore_low_shape(shape, r), dtype)}
+        p_dtype = dtype if self.projector_dtype is None else self.projector_dtype
+        return {"P": ((side_dim, r), p_dtype), **self.inner._state_spec(galore_low_shape(shape, r), dtype)}
 
     def _step_param(self, index, p, g, state):
         self.inner.lr = self.lr
@@ -591,9 +596,10 @@ class GaLore(Optimizer):
                 g, self._rank_for(shape), side, oversample=self.oversample,
                 power_iters=self.power_iters, seed=(self.seed, index, t),
             )
-        low = self.kernel("galore_project")(g, state["P"], side)
+        P = state["P"] if state["P"].dtype == g.dtype else state["P"].astype(g.dtype)
+        low = self.kernel("galore_project")(g, P, side)
         d = self.inner._direction(low, state, shape)
-        full = self.kernel("galore_project_back")(d, state["P"], side)
+        full = self.kernel("galore_project_back")(d, P, side)
         if self.weight_decay:
             p *= 1.0 - self.lr * self.weight_decay
         p += (self.lr * self.scale) * full

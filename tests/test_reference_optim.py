@@ -453,3 +453,26 @@ def test_wsd_without_warmup_or_decay_and_overlap():
         wsd_lr(0, 10, 1.0, 1, 0.1, 0.1, decay="step")
     with pytest.raises(ValueError, match="decay_frac must lie in \\[0, 1\\]"):
         wsd_lr(0, 10, 1.0, 1, 1.5, 0.1)
+
+
+def test_galore_float16_projector_halves_projector_bytes_and_tracks_float32():
+    from reference.autograd import Tensor
+    from reference.optim import GaLore
+
+    rng = np.random.default_rng(5)
+    w0 = rng.standard_normal((256, 512)).astype(np.float32) * 0.05
+    runs = {}
+    for dtype in (None, "float16"):
+        p = Tensor(w0.copy(), requires_grad=True)
+        opt = GaLore([p], 0.02, rank=32, min_dim=64, update_freq=5, projector_dtype=dtype)
+        grads = np.random.default_rng(6)
+        for _ in range(8):
+            p.grad = grads.standard_normal(w0.shape).astype(np.float32)
+            opt.step()
+        runs[dtype] = (p.data.copy(), opt)
+    p32, opt32 = runs[None]
+    p16, opt16 = runs["float16"]
+    assert opt16.state[0]["P"].dtype == np.float16 and opt32.state[0]["P"].dtype == np.float32
+    assert opt32.state_nbytes() - opt16.state_nbytes() == opt32.state[0]["P"].nbytes // 2
+    moved = np.linalg.norm(p32 - w0)
+    assert np.linalg.norm(p16 - p32) < 0.01 * moved
