@@ -163,8 +163,11 @@ class Model:
         return groups
 
     # --------------------------------------------------------------------- forward
-    def forward(self, tokens, collider_sparsity=0.0, need_token_losses=False):
-        """``tokens`` int [B, T+1] windows -> ForwardResult (loss over all T positions)."""
+    def forward(self, tokens, collider_sparsity=0.0, need_token_losses=False, with_mtp=True):
+        """``tokens`` int [B, T+1] windows -> ForwardResult (loss over all T positions).
+
+        ``with_mtp=False`` skips the MTP heads (validation reports the main loss only).
+        """
         be, c, xp = self.be, self.cfg, self.be.xp
         tokens = xp.asarray(tokens)
         idx, targets = tokens[:, :-1], tokens[:, 1:]
@@ -175,27 +178,29 @@ class Model:
         hn = be.rmsnorm(h, self.params["norm"], eps=c.norm_eps)
         flat_targets = targets.reshape(-1)
         logits = self._logits(hn.reshape(b * t, c.dim))
-        token_losses = be.cross_entropy_per_token(logits.data, flat_targets)
-        weights = None
+        token_losses = weights = None
         kept = 1.0
+        if selection is not None or need_token_losses:
+            token_losses = be.cross_entropy_per_token(logits.data, flat_targets)
         if selection is not None:
             weights, rows = collider_keep(token_losses.reshape(b, t), collider_sparsity, xp)
             selection.set(rows)
             kept = rows.size / (b * t)
         if weights is None:
             ce_loss = be.cross_entropy(logits, flat_targets)
+            ce_value = float(be.to_numpy(ce_loss.data))
         else:
             # Filtered tokens get zero weight; normalise by all tokens so kept tokens keep their scale.
             ce_loss = be.cross_entropy(logits, flat_targets, weights, reduction="sum") * (1.0 / (b * t))
+            ce_value = float(be.to_numpy(token_losses).mean())  # the reported loss averages all tokens
         loss = ce_loss
         mtp_value = 0.0
-        if c.mtp_n_tokens:
+        if c.mtp_n_tokens and with_mtp:
             mtp_loss = self._mtp_loss(h, tokens, weights, selection)
             mtp_value = float(mtp_loss.data)
             loss = loss + mtp_loss * c.mtp_weight
         if aux is not None:
             loss = loss + aux * c.moe_aux_loss_weight
-        ce_value = float(be.to_numpy(token_losses).mean())
         return ForwardResult(
             loss=loss, ce=ce_value, mtp=mtp_value, aux=0.0 if aux is None else float(aux.data),
             token_losses=be.to_numpy(token_losses) if need_token_losses else None,

@@ -7,12 +7,21 @@ from reference.autograd import no_grad
 
 
 def sample_next(logits, temperature, top_k, rng):
-    """Pick one token id from a logits vector [V] (greedy when temperature is 0)."""
+    """Pick one token id from a logits vector [V] (greedy when temperature is 0).
+
+    ``top_k`` > 0 keeps the k largest logits (ties at the cutoff stay in).
+    """
     logits = np.asarray(logits, dtype=np.float64)
-    if temperature <= 0:
+    if logits.ndim != 1 or logits.size == 0:
+        raise ValueError(f"sample_next: logits must be a non-empty 1-D vector, got shape {logits.shape}")
+    if not np.isfinite(logits).all():
+        raise ValueError("sample_next: the logits contain NaN or Inf (the model weights are not finite)")
+    if temperature < 0:
+        raise ValueError(f"sample_next: temperature must be >= 0, got {temperature}")
+    if temperature == 0:
         return int(np.argmax(logits))
     logits = logits / temperature
-    if top_k and top_k < logits.size:
+    if top_k and 0 < top_k < logits.size:
         cutoff = np.partition(logits, -top_k)[-top_k]
         logits = np.where(logits < cutoff, -np.inf, logits)
     p = np.exp(logits - logits.max())
@@ -21,9 +30,19 @@ def sample_next(logits, temperature, top_k, rng):
 
 
 def generate(model, prompt_ids, max_tokens, temperature=0.8, top_k=40, rng=None, stop_id=None):
-    """Continue ``prompt_ids`` by up to ``max_tokens`` tokens; returns the new ids only."""
-    rng = rng or np.random.default_rng(0)
-    ids = list(prompt_ids) or [stop_id or 0]
+    """Continue ``prompt_ids`` by up to ``max_tokens`` tokens; returns the new ids only.
+
+    An empty prompt starts from ``stop_id`` (the end-of-text token opens a document) or 0.
+    The context is the last ``seq_len`` tokens.
+    """
+    if max_tokens < 0:
+        raise ValueError(f"generate: max_tokens must be >= 0, got {max_tokens}")
+    vocab = model.cfg.vocab_size
+    bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
+    if bad:
+        raise ValueError(f"generate: prompt token id {bad[0]} is outside the vocabulary 0..{vocab - 1}")
+    rng = np.random.default_rng(0) if rng is None else rng
+    ids = [int(t) for t in prompt_ids] or [0 if stop_id is None else int(stop_id)]
     out = []
     window = model.cfg.seq_len
     with no_grad():

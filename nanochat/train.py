@@ -3,14 +3,20 @@
 With no arguments it trains the ``tiny`` preset on the Python standard library's sources,
 then prints a generated sample and where the checkpoint, metrics and plot are.
 ``python -m nanochat.train plot RUN_DIR`` redraws a run's loss curve.
+
+Exit codes: 0 done, 2 bad configuration/checkpoint/data, 3 training stopped (non-finite
+steps), 130 interrupted with Ctrl-C (after saving a checkpoint).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import math
-import os
+import signal
 import sys
+import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -21,7 +27,8 @@ import backends
 from reference.autograd import no_grad
 from reference import optim as ref_optim
 
-from .checkpoint import CheckpointError, load_checkpoint, rng_from_json, rng_state_to_json, save_checkpoint
+from .checkpoint import (CheckpointError, find_nonfinite, load_checkpoint, rng_from_json, rng_state_to_json,
+                         save_checkpoint)
 from .config import Config, ConfigError, available_presets, load_config
 from .metrics import MetricsLogger, plot_losses
 from .model import Model, is_muon_param
@@ -48,11 +55,14 @@ class StepTimes:
 
 @dataclass
 class TrainState:
-    step: int = 0
-    tokens: int = 0
+    """What a checkpoint must carry besides weights and optimizer state to resume bit-exactly."""
+
+    step: int = 0              # optimizer updates applied
+    tokens: int = 0            # training tokens behind those updates
+    data_step: int = 0         # micro-batches consumed (applied or skipped): the data cursor
     nonfinite_in_row: int = 0
     skipped: int = 0
-    history: list = field(default_factory=list)
+    history: list = field(default_factory=list)  # (step, validation loss)
 
 
 def build_optimizers(model, cfg: Config):
@@ -85,7 +95,7 @@ def build_optimizers(model, cfg: Config):
             opt = ref_optim.GaLore(
                 hidden, o.muon_lr if o.galore_inner == "muon" else o.adamw_lr, inner=o.galore_inner,
                 rank=o.galore_rank, update_freq=o.galore_update_freq, scale=o.galore_scale,
-                min_dim=o.galore_min_dim, oversample=o.galore_oversample, power_iters=o.galore_power_iters,
+                min_dim=o.galore_min_dim, oversample=o.galore_oversample, power_iters=o.galore_power_iters, projector_dtype=o.galore_projector_dtype,
                 seed=cfg.train.seed, **inner_kwargs,
             )
             groups.append(("hidden", opt, o.muon_lr if o.galore_inner == "muon" else o.adamw_lr))
@@ -108,27 +118,67 @@ def lr_multiplier(step, cfg: Config):
     return ref_optim.wsd_lr(step, cfg.train.steps, 1.0, o.warmup_steps, o.decay_frac, o.min_lr_ratio, decay=o.decay)
 
 
+def backend_for(cfg: Config):
+    """The configured backend, switched to ``train.dtype`` when that differs from its default."""
+    be = backends.get_backend(cfg.train.backend)
+    dtype = np.dtype(cfg.train.dtype)
+    if be.dtype != dtype:
+        be = copy.copy(be)  # the registry caches one instance per name: never mutate it
+        be.dtype = dtype
+        be.description = f"{be.description}, {dtype.name} parameters"
+    return be
+
+
+class _DeferInterrupt:
+    """Holds Ctrl-C while a parameter update is applied, so no checkpoint sees half of one.
+
+    Only the main thread can own signal handlers; elsewhere this does nothing.
+    """
+
+    def __enter__(self):
+        self.received = False
+        self._installed = threading.current_thread() is threading.main_thread()
+        if self._installed:
+            self._previous = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def _note(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc_info):
+        if self._installed:
+            # None means a handler installed outside Python; the default is the closest we can restore
+            signal.signal(signal.SIGINT, signal.SIG_DFL if self._previous is None else self._previous)
+        return False
+
+
 class Trainer:
-    """One training run: data, model, optimizers, loop, logs and checkpoints."""
+    """One training run: data, model, optimizers, loop, logs and checkpoints.
+
+    ``resume`` is a checkpoint directory, a run directory (its newest checkpoint) or the dict
+    ``load_checkpoint`` returned. ``data`` replaces the corpus: any object with
+    ``train_tokens``, ``val_tokens`` (1-D int arrays), ``vocab_size``, ``tokenizer`` and
+    ``tokenizer_path`` (both may be None).
+    """
 
     def __init__(self, cfg: Config, out_dir=None, resume=None, progress=True, data=None):
         self.cfg = cfg
         self.progress = progress
-        self.be = backends.get_backend(cfg.train.backend)
+        # Read the checkpoint first: a bad one should fail before minutes of data preparation.
+        ck = resume if isinstance(resume, dict) or resume is None else load_checkpoint(resume)
+        self.be = backend_for(cfg)
         self.out_dir = Path(out_dir or cfg.train.out_dir or default_out_dir())
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.data = data if data is not None else self._prepare_data()
-        if self.data.vocab_size > cfg.model.vocab_size:
-            raise ConfigError(
-                f"model.vocab_size = {cfg.model.vocab_size} is smaller than the data's vocabulary "
-                f"({self.data.vocab_size} tokens); raise model.vocab_size"
-            )
+        self._check_data()
         self.model = Model(cfg.model, self.be, seed=cfg.train.seed)
         self.optimizers = build_optimizers(self.model, cfg)
         self.state = TrainState()
         self.rng = np.random.default_rng(cfg.train.seed + 1)
-        if resume is not None:
-            self._restore(resume)
+        self._interrupt_requested = False
+        self._saved_at = None  # (step, data_step) of the newest checkpoint this trainer wrote
+        if ck is not None:
+            self._restore(ck)
 
     # --------------------------------------------------------------- set-up
     def _prepare_data(self):
@@ -139,47 +189,84 @@ class Trainer:
                             progress=self.progress, val_fraction=d.val_fraction,
                             tokenizer_train_bytes=d.tokenizer_train_bytes)
 
+    def _check_data(self):
+        cfg = self.cfg
+        if self.data.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(
+                f"model.vocab_size = {cfg.model.vocab_size} is smaller than the data's vocabulary "
+                f"({self.data.vocab_size} tokens); raise model.vocab_size"
+            )
+        need = cfg.model.seq_len + 1
+        for split in ("train_tokens", "val_tokens"):
+            tokens = getattr(self.data, split)
+            n = int(getattr(tokens, "size", len(tokens)))
+            if n < need:
+                raise ValueError(
+                    f"the {split.split('_')[0]} split holds {n} tokens, fewer than one window of "
+                    f"model.seq_len + 1 = {need}; use more data or a shorter model.seq_len"
+                )
+
     def _make_loader(self):
         from .loader import AsyncLoader, BatchLoader
 
         t = self.cfg.train
         args = (self.data.train_tokens, t.batch_size, self.cfg.model.seq_len, t.seed)
-        start = self.state.step * t.grad_accum
+        start = self.state.data_step
         if t.async_loader:
             return AsyncLoader(*args, start_step=start, workers=t.loader_workers, prefetch=t.loader_prefetch)
         return BatchLoader(*args, start_step=start)
 
-    def _restore(self, path):
-        ck = load_checkpoint(path)
+    def _restore(self, ck):
+        path = ck["path"]
         params = ck["params"]
         missing = sorted(set(self.model.params) - set(params))
         extra = sorted(set(params) - set(self.model.params))
         if missing or extra:
             raise CheckpointError(
-                f"{ck['path']}: parameters do not match the model (missing {missing[:3]}, unexpected {extra[:3]})"
+                f"{path / 'model.safetensors'}: parameters do not match the model "
+                f"(missing {missing[:3]}, unexpected {extra[:3]}); resume with the checkpoint's own config"
             )
         for name, p in self.model.params.items():
             a = params[name]
-            if a.shape != p.shape:
-                raise CheckpointError(f"{ck['path']}: parameter {name} has shape {a.shape}, the model expects {p.shape}")
-            p.data = self.be.asarray(a.astype(self.model.dtype, copy=False))
+            if tuple(a.shape) != tuple(p.shape):
+                raise CheckpointError(f"{path / 'model.safetensors'}: parameter {name} has shape {tuple(a.shape)}, "
+                                      f"the model expects {tuple(p.shape)}")
         for label, opt, _ in self.optimizers:
             prefix = label + "/"
-            opt.load_state_dict({k[len(prefix):]: v for k, v in ck["optimizer"].items() if k.startswith(prefix)})
+            try:
+                opt.load_state_dict({k[len(prefix):]: v for k, v in ck["optimizer"].items() if k.startswith(prefix)})
+            except ValueError as exc:
+                raise CheckpointError(f"{path / 'optimizer.safetensors'}: group {label!r}: {exc}") from None
+        known = {label + "/" for label, _, _ in self.optimizers}
+        stray = sorted(k for k in ck["optimizer"] if k.split("/", 1)[0] + "/" not in known)
+        if stray:
+            raise CheckpointError(f"{path / 'optimizer.safetensors'}: state {stray[0]!r} belongs to no optimizer group "
+                                  f"of this config (was the optimizer changed?)")
+        # Only now, with everything checked, replace the weights (copies: the loaded arrays may be read-only).
+        for name, p in self.model.params.items():
+            p.data = self.be.asarray(np.array(params[name], dtype=self.model.dtype, copy=True))
         s = ck["state"]
-        self.state.step = int(s["step"])
-        self.state.tokens = int(s["tokens"])
-        self.rng = rng_from_json(s["rng"])
+        self.state.step = s["step"]
+        self.state.tokens = s["tokens"]
+        self.state.data_step = s["data_step"]
+        self.state.skipped = s.get("skipped_steps", 0)
+        self.state.history = [tuple(h) for h in s.get("val_history", [])]
+        self.rng = rng_from_json(s["rng"], where=path / "state.json")
+        self._saved_at = (self.state.step, self.state.data_step)
 
     # ------------------------------------------------------------ one step
-    def train_step(self, loader):
-        """Forward/backward over ``grad_accum`` micro-batches, clip, update. Returns a metrics dict."""
+    def accumulate_gradients(self, loader):
+        """Forward and backward over ``grad_accum`` micro-batches; leaves the mean gradient in ``p.grad``.
+
+        Returns the step's loss numbers and timings (no parameter changes yet).
+        """
         cfg, be, model = self.cfg, self.be, self.model
         times = StepTimes()
-        t_start = time.perf_counter()
         accum = cfg.train.grad_accum
         loss_sum = ce_sum = mtp_sum = aux_sum = 0.0
         loads = []
+        for p in model.params.values():  # an interrupted earlier step may have left partial sums
+            p.grad = None
         for _ in range(accum):
             t0 = time.perf_counter()
             batch = next(loader)
@@ -193,38 +280,64 @@ class Trainer:
             times.data_wait += t1 - t0
             times.forward += t2 - t1
             times.backward += t3 - t2
-            loss_sum += float(res.loss.data)
+            loss_sum += float(be.to_numpy(res.loss.data))
             ce_sum += res.ce
             mtp_sum += res.mtp
             aux_sum += res.aux
             loads = res.expert_load or loads
-        t4 = time.perf_counter()
-        params = list(model.params.values())
-        grads = [p.grad for p in params]
-        clip = cfg.optim.grad_clip
-        if clip > 0:
-            grad_norm = float(be.clip_by_global_norm(grads, clip))
-        else:
-            grad_norm = float(be.global_grad_norm(grads))
-        loss = loss_sum / accum
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)
-        mult = lr_multiplier(self.state.step, cfg)
-        if finite:
-            for _, opt, base in self.optimizers:
-                opt.lr = base * mult
-                opt.step()
-        for p in params:
-            p.grad = None
-        be.synchronize()
-        times.optimizer += time.perf_counter() - t4
-        times.total = time.perf_counter() - t_start
         record = {
-            "loss": loss, "ce": ce_sum / accum, "mtp": mtp_sum / accum, "moe_aux": aux_sum / accum,
-            "grad_norm": grad_norm, "lr": cfg.optim.muon_lr * mult, "lr_multiplier": mult,
-            "finite": finite, "times": times, "expert_load": [list(map(int, l)) for l in loads],
+            "loss": loss_sum / accum, "ce": ce_sum / accum, "mtp": mtp_sum / accum, "moe_aux": aux_sum / accum,
+            "times": times, "expert_load": [list(map(int, load)) for load in loads],
         }
         if model.last_h_res:
             record["composite_gain"] = float(be.composite_gain(model.last_h_res))
+        return record
+
+    def apply_update(self, record):
+        """Clip, check finiteness, step the optimizers and advance the counters, as one unit.
+
+        A non-finite loss or gradient skips the update (the batch still counts as consumed).
+        Ctrl-C is held until the unit is complete and then honoured at the end of the step.
+        """
+        cfg, be = self.cfg, self.be
+        t4 = time.perf_counter()
+        params = list(self.model.params.values())
+        grads = [p.grad for p in params]
+        clip = cfg.optim.grad_clip
+        with _DeferInterrupt() as held:
+            if clip > 0:
+                grad_norm = float(be.clip_by_global_norm(grads, clip))
+            else:
+                grad_norm = float(be.global_grad_norm(grads))
+            finite = math.isfinite(record["loss"]) and math.isfinite(grad_norm)
+            mult = lr_multiplier(self.state.step, cfg)
+            if finite:
+                for _, opt, base in self.optimizers:
+                    opt.lr = base * mult
+                    opt.step()
+            for p in params:
+                p.grad = None
+            be.synchronize()
+            st = self.state
+            st.data_step += cfg.train.grad_accum
+            if finite:
+                st.step += 1
+                st.tokens += cfg.train.batch_size * cfg.model.seq_len * cfg.train.grad_accum
+                st.nonfinite_in_row = 0
+            else:
+                st.nonfinite_in_row += 1
+                st.skipped += 1
+        if held.received:
+            self._interrupt_requested = True
+        record["times"].optimizer += time.perf_counter() - t4
+        record.update(grad_norm=grad_norm, lr=cfg.optim.muon_lr * mult, lr_multiplier=mult, finite=finite)
+        return record
+
+    def train_step(self, loader):
+        """One optimizer step (``accumulate_gradients`` then ``apply_update``); returns its metrics."""
+        t_start = time.perf_counter()
+        record = self.apply_update(self.accumulate_gradients(loader))
+        record["times"].total = time.perf_counter() - t_start
         return record
 
     def evaluate(self, max_batches=None):
@@ -236,102 +349,152 @@ class Trainer:
         with no_grad():
             for batch in val_batches(self.data.val_tokens, t.batch_size, self.cfg.model.seq_len,
                                      max_batches or t.eval_batches):
-                losses.append(self.model.forward(batch).ce)
+                losses.append(self.model.forward(batch, with_mtp=False).ce)
         return float(np.mean(losses)) if losses else float("nan")
 
     # ------------------------------------------------------------------ loop
-    def train(self):
+    def train(self, until=None):
+        """Train to ``cfg.train.steps`` (or stop after step ``until``; the schedule still spans the run).
+
+        Returns paths and the validation history; ``interrupted`` is True after Ctrl-C, in which
+        case a checkpoint of the last completed step was written. Raises ``TrainingError`` after
+        ``max_nonfinite_steps`` non-finite steps in a row (no checkpoint is written then).
+        """
         cfg, t = self.cfg, self.cfg.train
+        stop = t.steps if until is None else min(int(until), t.steps)
         logger = MetricsLogger(self.out_dir, tensorboard=t.tensorboard)
         tokens_per_step = t.batch_size * cfg.model.seq_len * t.grad_accum
-        loader = self._make_loader()
+        loader = None
         window = StepTimes()
         window_steps = 0
         interrupted = False
+        started = time.perf_counter()
+        self._interrupt_requested = False
         bar = _progress_bar(t.steps, self.state.step, disable=not self.progress)
         try:
-            if self.state.step == 0:
-                v0 = self.evaluate()
-                logger.log({"kind": "val", "step": 0, "tokens": 0, "val_loss": v0})
-                self.state.history.append((0, v0))
-            while self.state.step < t.steps:
-                rec = self.train_step(loader)
-                times = rec.pop("times")
-                if not rec["finite"]:
-                    self.state.nonfinite_in_row += 1
-                    self.state.skipped += 1
-                    logger.log({"kind": "skip", "step": self.state.step, "loss": rec["loss"], "grad_norm": rec["grad_norm"]})
-                    if self.state.nonfinite_in_row >= t.max_nonfinite_steps:
-                        raise TrainingError(
-                            f"stopping at step {self.state.step}: {self.state.nonfinite_in_row} steps in a row had a "
-                            f"non-finite loss or gradient (last loss {rec['loss']}, grad norm {rec['grad_norm']}); "
-                            f"lower the learning rate or check the data"
-                        )
-                    continue
-                self.state.nonfinite_in_row = 0
-                self.state.step += 1
-                self.state.tokens += tokens_per_step
-                window.add(times)
-                window_steps += 1
-                wait = getattr(loader, "wait_seconds", None)
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['ce']:.3f}", lr=f"{rec['lr']:.2e}",
-                                tok_s=f"{tokens_per_step / max(times.total, 1e-9):,.0f}")
-                step = self.state.step
-                if step % t.log_every == 0 or step == t.steps:
-                    logger.log({
-                        "kind": "train", "step": step, "tokens": self.state.tokens, **rec,
-                        "tokens_per_sec": tokens_per_step * window_steps / max(window.total, 1e-9),
-                        "data_wait_frac": window.data_wait / max(window.total, 1e-9),
-                        "time_forward": window.forward / window_steps, "time_backward": window.backward / window_steps,
-                        "time_optimizer": window.optimizer / window_steps, "time_data_wait": window.data_wait / window_steps,
-                        "time_step": window.total / window_steps, "loader_wait_total": wait,
-                    })
-                    window, window_steps = StepTimes(), 0
-                if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
-                    v = self.evaluate()
-                    self.state.history.append((step, v))
-                    logger.log({"kind": "val", "step": step, "tokens": self.state.tokens, "val_loss": v})
-                    bar.write(f"step {step}: validation loss {v:.4f}")
-                if t.checkpoint_every and step % t.checkpoint_every == 0 and step != t.steps:
-                    self.save()
-        except KeyboardInterrupt:
-            interrupted = True
-            bar.write("interrupted: saving a checkpoint before exiting")
+            try:
+                loader = self._make_loader()
+                if self.state.step == 0 and not self.state.history:
+                    v0 = self.evaluate()
+                    logger.log({"kind": "val", "step": 0, "tokens": 0, "val_loss": v0})
+                    self.state.history.append((0, v0))
+                while self.state.step < stop:
+                    rec = self.train_step(loader)
+                    times = rec.pop("times")
+                    if not rec["finite"]:
+                        logger.log({"kind": "skip", "step": self.state.step, "tokens": self.state.tokens,
+                                    "loss": rec["loss"], "grad_norm": rec["grad_norm"],
+                                    "nonfinite_in_row": self.state.nonfinite_in_row})
+                        bar.write(f"step {self.state.step}: non-finite loss {rec['loss']} or gradient norm "
+                                  f"{rec['grad_norm']}; update skipped")
+                        if self.state.nonfinite_in_row >= t.max_nonfinite_steps:
+                            raise TrainingError(
+                                f"stopping at step {self.state.step}: {self.state.nonfinite_in_row} steps in a row had a "
+                                f"non-finite loss or gradient (last loss {rec['loss']}, grad norm {rec['grad_norm']}); "
+                                f"lower the learning rate or check the data"
+                            )
+                        if self._interrupt_requested:
+                            raise KeyboardInterrupt
+                        continue
+                    window.add(times)
+                    window_steps += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['ce']:.3f}", lr=f"{rec['lr']:.2e}",
+                                    tok_s=f"{tokens_per_step / max(times.total, 1e-9):,.0f}")
+                    step = self.state.step
+                    if step % t.log_every == 0 or step == t.steps or step == stop:
+                        logger.log({
+                            "kind": "train", "step": step, "tokens": self.state.tokens, **rec,
+                            "tokens_per_sec": tokens_per_step * window_steps / max(window.total, 1e-9),
+                            "data_wait_frac": window.data_wait / max(window.total, 1e-9),
+                            "time_forward": window.forward / window_steps, "time_backward": window.backward / window_steps,
+                            "time_optimizer": window.optimizer / window_steps,
+                            "time_data_wait": window.data_wait / window_steps,
+                            "time_step": window.total / window_steps,
+                            "loader_wait_total": getattr(loader, "wait_seconds", None),
+                        })
+                        window, window_steps = StepTimes(), 0
+                    if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+                        v = self.evaluate()
+                        self.state.history.append((step, v))
+                        logger.log({"kind": "val", "step": step, "tokens": self.state.tokens, "val_loss": v})
+                        bar.write(f"step {step}: validation loss {v:.4f}")
+                    if t.checkpoint_every and step % t.checkpoint_every == 0 and step < stop:
+                        self.save()
+                    if self._interrupt_requested:
+                        raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                interrupted = True
+                bar.write(f"interrupted at step {self.state.step}: saving a checkpoint before exiting")
+            finally:
+                bar.close()
+                if loader is not None and hasattr(loader, "close"):
+                    loader.close()
+            ckpt = self.save()
+            logger.log({"kind": "summary", "step": self.state.step, "tokens": self.state.tokens,
+                        "skipped_steps": self.state.skipped, "interrupted": interrupted,
+                        "seconds": time.perf_counter() - started,
+                        "val_loss": self.state.history[-1][1] if self.state.history else None})
         finally:
-            bar.close()
-            if hasattr(loader, "close"):
-                loader.close()
-        ckpt = self.save()
-        logger.close()
-        plot = plot_losses(self.out_dir / "metrics.jsonl", self.out_dir / "loss.png",
-                           title=f"{cfg.model.dim}d x {cfg.model.n_layers} layers, {self.be.name} backend")
+            logger.close()
+        try:
+            plot = plot_losses(logger.path, self.out_dir / "loss.png",
+                               title=f"{cfg.model.dim}d x {cfg.model.n_layers} layers, {self.be.name} backend")
+        except (OSError, ValueError) as exc:  # a finished run must not fail on its picture
+            warnings.warn(f"could not draw {self.out_dir / 'loss.png'}: {exc}", stacklevel=2)
+            plot = None
         return {"checkpoint": ckpt, "metrics": logger.path, "plot": plot, "tensorboard": logger.tb_dir,
-                "interrupted": interrupted, "history": self.state.history}
+                "interrupted": interrupted, "history": self.state.history, "step": self.state.step}
 
     def save(self):
+        """Write a checkpoint of the current step (refused, with a TrainingError, from non-finite state)."""
+        current = self._current_checkpoint()
+        if current is not None and self._saved_at == (self.state.step, self.state.data_step):
+            return current  # nothing changed since this trainer wrote (or resumed from) it
         params = {name: self.be.to_numpy(p.data) for name, p in self.model.params.items()}
         opt_state = {}
         for label, opt, _ in self.optimizers:
             opt_state.update({f"{label}/{k}": np.asarray(v) for k, v in opt.state_dict().items()})
-        state = {"step": self.state.step, "tokens": self.state.tokens, "rng": rng_state_to_json(self.rng),
-                 "backend": self.be.name, "val_history": self.state.history, "skipped_steps": self.state.skipped}
+        bad = find_nonfinite(params) or find_nonfinite(opt_state)
+        if bad:
+            raise TrainingError(f"not writing a checkpoint at step {self.state.step}: {bad} has non-finite values; "
+                                f"the last good checkpoint is still in {self.out_dir / 'checkpoints'}")
+        state = {"step": self.state.step, "tokens": self.state.tokens, "data_step": self.state.data_step,
+                 "rng": rng_state_to_json(self.rng), "backend": self.be.name,
+                 "val_history": self.state.history, "skipped_steps": self.state.skipped}
         tok_path = getattr(self.data, "tokenizer_path", None)
-        return save_checkpoint(self.out_dir / "checkpoints", self.state.step, params, opt_state,
+        path = save_checkpoint(self.out_dir / "checkpoints", self.state.step, params, opt_state,
                                self.cfg.to_toml(), state, tokenizer_path=tok_path, keep_last=self.cfg.train.keep_last_k)
+        self._saved_at = (self.state.step, self.state.data_step)
+        return path
+
+    def _current_checkpoint(self):
+        """This run's checkpoint directory of the current step when it exists (else None)."""
+        path = self.out_dir / "checkpoints" / f"step-{self.state.step:06d}"
+        return path if (path / "state.json").exists() else None
 
     def sample(self, prompt, max_tokens, temperature=0.8, top_k=40):
+        """Prompt plus a sampled continuation (needs the data's tokenizer)."""
         from .sample import generate
 
         tok = self.data.tokenizer
+        if tok is None:
+            raise ValueError("cannot sample: this data has no tokenizer (a .bin without a tokenizer sidecar)")
         ids = tok.encode(prompt)
         out = generate(self.model, ids, max_tokens, temperature=temperature, top_k=top_k, rng=self.rng,
-                       stop_id=tok.eot_id)
+                       stop_id=getattr(tok, "eot_id", None))
         return prompt + tok.decode(out)
 
 
-def default_out_dir():
-    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+def default_out_dir(label=None):
+    """``runs/[label-]<timestamp>``, with a numeric suffix when that directory already exists."""
+    stem = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path("runs") / (f"{label}-{stem}" if label else stem)
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
 def _progress_bar(total, initial, disable):
@@ -341,71 +504,98 @@ def _progress_bar(total, initial, disable):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m nanochat.train", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="python -m nanochat.train",
+        description="Train a ternary-weight language model. With no arguments: the tiny preset on the "
+                    "Python standard library's sources, a few minutes on a 2-core CPU.",
+        epilog="'python -m nanochat.train plot RUN_DIR' redraws a run's loss curve. Exit codes: 0 done, "
+               "2 bad config/checkpoint/data, 3 stopped on non-finite steps, 130 interrupted (checkpoint saved).")
     p.add_argument("--config", default=None, help=f"preset name ({', '.join(available_presets())}) or a .toml file")
-    p.add_argument("--backend", default=None, choices=["auto", "numpy", "numba", "cupy"])
+    p.add_argument("--backend", default=None, choices=["auto", "numpy", "numba", "cupy"],
+                   help="op backend (default from the config: auto = cupy with a GPU, else numba)")
     p.add_argument("--data", default=None, help="text file, directory of text files, or pre-tokenized .bin")
-    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides train.steps)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set model.dim=512 (repeatable)")
     p.add_argument("--resume", default=None, help="checkpoint directory (or run directory) to resume from")
-    p.add_argument("--out", default=None, help="run directory (default runs/<timestamp>)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<preset>-<timestamp>, or the resumed run's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
-def resolve_config(args):
+def resolve_config(args, checkpoint=None):
+    """The run's config: ``--config`` (default tiny), or the checkpoint's own when resuming without one."""
     overrides = list(args.overrides)
     if args.backend:
         overrides.append(f"train.backend={args.backend}")
     if args.data:
-        overrides.append(f'data.path="{Path(args.data).as_posix()}"')
+        overrides.append(f"data.path={_toml_string(Path(args.data).as_posix())}")
     if args.steps is not None:
         overrides.append(f"train.steps={args.steps}")
-    if args.resume and not args.config:
-        ck_dir = Path(args.resume)
-        if not ck_dir.exists():
-            raise CheckpointError(f"{ck_dir}: checkpoint directory does not exist")
-        ck = load_checkpoint(ck_dir)
-        saved = ck["path"] / "config.toml"
-        return load_config(str(saved), overrides)
+    if checkpoint is not None and not args.config:
+        return load_config(str(checkpoint["path"] / "config.toml"), overrides)
     return load_config(args.config, overrides)
 
 
+def _toml_string(text):
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _run_dir_of(checkpoint_path):
+    """The run directory holding ``checkpoints/step-N`` (None for a checkpoint stored elsewhere)."""
+    parent = Path(checkpoint_path).parent
+    return parent.parent if parent.name == "checkpoints" else None
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["plot"]:
         return plot_main(argv[1:])
     args = parse_args(argv)
     try:
-        cfg = resolve_config(args)
-        trainer = Trainer(cfg, out_dir=args.out, resume=args.resume, progress=not args.quiet)
-    except (ConfigError, CheckpointError, ValueError) as exc:
+        ck = load_checkpoint(args.resume) if args.resume else None
+        cfg = resolve_config(args, ck)
+        out = args.out or (_run_dir_of(ck["path"]) if ck else None) or cfg.train.out_dir or \
+            default_out_dir(Path(args.config).stem if args.config else "tiny")
+        trainer = Trainer(cfg, out_dir=out, resume=ck, progress=not args.quiet)
+    except (ConfigError, CheckpointError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted before training started", file=sys.stderr)
+        return 130
     m = trainer.model
     print(f"backend: {trainer.be.name} ({trainer.be.description}); out: {trainer.out_dir}")
     print(f"model: {m.num_parameters():,} parameters ("
           + ", ".join(f"{k} {v:,}" for k, v in sorted(m.parameter_breakdown().items())) + ")")
     print(f"data: {len(trainer.data.train_tokens):,} train tokens, {len(trainer.data.val_tokens):,} val tokens; "
-          f"{cfg.train.steps} steps x {cfg.train.batch_size * cfg.model.seq_len * cfg.train.grad_accum:,} tokens")
+          f"{cfg.train.steps} steps x {cfg.train.batch_size * cfg.model.seq_len * cfg.train.grad_accum:,} tokens"
+          + (f"; resuming at step {trainer.state.step}" if ck else ""))
     try:
         result = trainer.train()
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:  # a second Ctrl-C while the interrupt checkpoint was being written
+        print(f"interrupted while saving; the newest complete checkpoint is under {trainer.out_dir / 'checkpoints'}",
+              file=sys.stderr)
+        return 130
     hist = result["history"]
     if len(hist) >= 2:
         print(f"validation loss: {hist[0][1]:.4f} at step {hist[0][0]} -> {hist[-1][1]:.4f} at step {hist[-1][0]}")
-    if cfg.train.sample_tokens and not result["interrupted"]:
+    if cfg.train.sample_tokens and not result["interrupted"] and trainer.data.tokenizer is not None:
         text = trainer.sample(cfg.train.sample_prompt, cfg.train.sample_tokens, cfg.train.sample_temperature)
         print("\n--- sample " + "-" * 50 + "\n" + text + "\n" + "-" * 61)
     print(f"checkpoint:  {result['checkpoint']}")
     print(f"metrics:     {result['metrics']}")
     if result["tensorboard"]:
         print(f"tensorboard: tensorboard --logdir {result['tensorboard']}")
-    print(f"loss plot:   {result['plot']}")
-    return 130 if result["interrupted"] else 0
+    if result["plot"]:
+        print(f"loss plot:   {result['plot']}")
+    if result["interrupted"]:
+        print(f"interrupted at step {result['step']}; resume with --resume {trainer.out_dir}")
+        return 130
+    return 0
 
 
 def plot_main(argv):
@@ -414,10 +604,14 @@ def plot_main(argv):
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/loss.png)")
     a = p.parse_args(argv)
     run = Path(a.run_dir)
-    if not (run / "metrics.jsonl").exists():
+    if not (run / "metrics.jsonl").is_file():
         print(f"error: {run}: no metrics.jsonl in this directory", file=sys.stderr)
         return 2
-    png = plot_losses(run / "metrics.jsonl", a.out or run / "loss.png", title=run.name)
+    try:
+        png = plot_losses(run / "metrics.jsonl", a.out or run / "loss.png", title=run.name)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(png)
     return 0
 
