@@ -38,3 +38,11 @@ def test_kernel_compiles(filename, arch):
 def test_compile_error_is_reported_with_the_log():
     with pytest.raises(RuntimeError, match="does not compile"):
         compile_source('extern "C" __global__ void k() { undefined_name; }', "compute_90", "broken.cu")
+
+
+def test_cupy_ops_module_imports_and_names_reference_ops():
+    pytest.importorskip("cupy")
+    import reference
+    from backends.cupy_backend.ops import OPS
+
+    assert OPS and set(OPS) <= set(reference.OPS)

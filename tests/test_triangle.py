@@ -29,6 +29,8 @@ import pytest
 
 import backends
 import reference
+from reference import mhc as ref_mhc
+from reference import optim as ref_optim
 from reference.autograd import Tensor
 from reference.ternary import RowSelection
 
@@ -393,6 +395,272 @@ def _check_cross_entropy_per_token(be, rng):
         assert got.dtype == np.float32
         assert_close(got, want, f"{be.name}.cross_entropy_per_token [{n}, {v}]")
         assert not got[targets == ignore].any(), "ignored rows must have zero loss"
+
+
+# --- mHC --------------------------------------------------------------------------------------
+
+
+def compare_multi(be, name, inputs, *, options=None, ref_dtype=np.float64, tol=TOL, label=""):
+    """``compare`` for an op with a tuple of outputs: every output, then the gradient of every
+    float input under the loss ``sum_i <out_i, G_i>`` with fixed random ``G_i``."""
+    options = options or {}
+    what = f"{be.name}.{name}{label}"
+    floats = [i for i, a in enumerate(inputs) if _is_float(a)]
+    results = []
+    for op, convert, dtype in ((be.op(name), be.asarray, np.float32), (reference.OPS[name], np.asarray, ref_dtype)):
+        tensors = [Tensor(convert(a.astype(dtype)), requires_grad=True) if i in floats else a for i, a in enumerate(inputs)]
+        outs = op(*tensors, **options)
+        gys = [np.random.default_rng(k + o.size).standard_normal(o.shape) for k, o in enumerate(outs)]
+        loss = None
+        for o, gy in zip(outs, gys):
+            term = (o * Tensor(convert(gy.astype(dtype)))).sum()
+            loss = term if loss is None else loss + term
+        loss.backward()
+        results.append(([_to_numpy(be, o) for o in outs], [_to_numpy(be, tensors[i].grad) for i in floats]))
+    (outs, grads), (outs_ref, grads_ref) = results
+    for k, (got, want) in enumerate(zip(outs, outs_ref)):
+        assert got.dtype == np.float32, f"{what}: output {k} dtype {got.dtype}, expected float32"
+        assert_close(got, want, f"{what} output {k}", tol)
+    for i, got, want in zip(floats, grads, grads_ref):
+        assert got.dtype == np.float32, f"{what}: gradient {i} dtype {got.dtype}, expected float32"
+        assert_close(got, want, f"{what} gradient of input {i}", tol)
+
+
+def _mhc_coeff_logits(rng, n, per_token_lead=None):
+    """Random static logits (residual, pre, pre bias, post, post bias) for n streams."""
+    lead = tuple(per_token_lead or ())
+    return [rng.standard_normal(lead + (size,)) for size in (ref_mhc.RES_SIZE[n], n, n, n, n)]
+
+
+@check("mhc_pre")
+def _check_mhc_pre(be, rng):
+    cases = [  # X shape, per-token coefficients
+        ((5, 4, 7), False), ((5, 4, 7), True), ((2, 3, 2, 33), False), ((2, 3, 2, 33), True),
+        ((1, 2, 1), False), ((1, 2, 1), True), ((6, 1, 9), False), ((4, 3), False), ((300, 4, 64), False),
+    ]
+    for shape, per_token in cases:
+        x = rng.standard_normal(shape)
+        h = rng.uniform(0, 1, shape[:-1] if per_token else shape[-2:-1])
+        compare(be, "mhc_pre", [x, h], label=f" X {shape} h {h.shape}")
+    x, h = rng.standard_normal((3, 4, 16)), rng.uniform(0, 1, 4)
+    compare(be, "mhc_pre", [x, h], wrt=[0], label=" dX only")
+    compare(be, "mhc_pre", [x, h], wrt=[1], label=" dh only")
+
+
+@check("mhc_post")
+def _check_mhc_post(be, rng):
+    cases = [  # X shape, per-token H_res, per-token h_post
+        ((5, 4, 7), False, False), ((5, 4, 7), True, True), ((5, 2, 7), True, False), ((5, 2, 7), False, True),
+        ((2, 3, 4, 33), True, True), ((2, 3, 2, 10), False, False), ((1, 4, 1), False, False),
+        ((1, 4, 1), True, True), ((7, 1, 5), False, False), ((3, 5), False, False), ((256, 4, 64), True, False),
+    ]
+    for shape, res_per_token, post_per_token in cases:
+        n, lead = shape[-2], shape[:-2]
+        x, y = rng.standard_normal(shape), rng.standard_normal(lead + shape[-1:])
+        h_res = rng.uniform(0, 1, (lead if res_per_token else ()) + (n, n))
+        h_post = rng.uniform(0, 2, (lead if post_per_token else ()) + (n,))
+        compare(be, "mhc_post", [x, y, h_res, h_post], label=f" X {shape} H {h_res.shape} h_post {h_post.shape}")
+    x, y = rng.standard_normal((3, 4, 16)), rng.standard_normal((3, 16))
+    h_res, h_post = rng.uniform(0, 1, (4, 4)), rng.uniform(0, 2, (3, 4))
+    for wrt in ([0], [1], [2], [3], [1, 3]):
+        compare(be, "mhc_post", [x, y, h_res, h_post], wrt=wrt, label=f" gradients {wrt} only")
+
+
+@check("mhc_dynamic_coeffs")
+def _check_mhc_dynamic_coeffs(be, rng):
+    for lead, n, c, gate, scale in [((5,), 2, 7, 0.7, 1.0), ((2, 3), 4, 5, 0.5, 3.0), ((1,), 4, 1, 1.0, 1.0),
+                                    ((9,), 2, 1, 0.01, 1e-3), ((130,), 4, 24, 2.0, 1.0)]:
+        x = rng.standard_normal(lead + (n, c)) * scale
+        weight = rng.standard_normal((ref_mhc.n_logits(n), n * c)) / np.sqrt(n * c)
+        inputs = [x, weight, np.array([gate])] + _mhc_coeff_logits(rng, n)
+        compare_multi(be, "mhc_dynamic_coeffs", inputs, label=f" X {x.shape} gate {gate}")
+    # A zero token (rstd = 1/sqrt(eps)) and a larger eps.
+    x = rng.standard_normal((4, 4, 6))
+    x[2] = 0.0
+    inputs = [x, rng.standard_normal((32, 24)) * 0.2, np.array([0.3])] + _mhc_coeff_logits(rng, 4)
+    compare_multi(be, "mhc_dynamic_coeffs", inputs, options={"eps": 1e-3}, label=" zero token, eps 1e-3")
+
+
+# --- optimizers ---------------------------------------------------------------------------------
+#
+# The update kernels are defined in the input's dtype (8-bit Muon requantizes what float32
+# arithmetic gives), so the reference runs on the same float32 arrays. In-place results are
+# compared after the step: the parameter and every state array.
+
+
+def _run_inplace(be, name, arrays, options):
+    """Run kernel ``name`` on the backend and on the reference over copies of ``arrays``; returns
+    (backend arrays after the step, reference arrays after, backend result, reference result)."""
+    mine = [be.asarray(a.copy()) for a in arrays]
+    theirs = [a.copy() for a in arrays]
+    out = be.op(name)(*mine, **options)
+    out_ref = reference.OPS[name](*theirs, **options)
+    return [be.to_numpy(a) for a in mine], theirs, out, out_ref
+
+
+def _optimizer_tensors(rng, shape):
+    """Parameter-like, gradient-like and momentum-like float32 arrays: parameters small enough
+    that one step moves them visibly. The first entry is zero in all three (Lion then takes
+    sign(0) = 0), the second parameter is -0.0, and the gradient has a spike (50) and an entry
+    whose square underflows (1e-30)."""
+    p = (rng.standard_normal(shape) * 0.02).astype(np.float32)
+    g = rng.standard_normal(shape).astype(np.float32)
+    m = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+    for a in (p, g, m):
+        a.reshape(-1)[0] = 0.0
+    if p.size > 3:
+        p.reshape(-1)[1] = -0.0
+        g.reshape(-1)[2:4] = [50.0, 1e-30]
+    return p, g, m
+
+
+@check("adamw_update")
+def _check_adamw_update(be, rng):
+    for shape, step, wd in [((1,), 1, 0.0), ((7, 13), 1, 0.1), ((1000,), 50, 0.0), ((33, 65), 3, 0.01)]:
+        p, g, m = _optimizer_tensors(rng, shape)
+        v = (m * m * 10) if step > 1 else np.zeros(shape, np.float32)
+        m = m if step > 1 else np.zeros(shape, np.float32)
+        options = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": wd, "step": step}
+        got, want, _, _ = _run_inplace(be, "adamw_update", [p, g, m, v], options)
+        for k, label in ((0, "p"), (2, "m"), (3, "v")):
+            assert_close(got[k], want[k], f"{be.name}.adamw_update {label} {shape} step {step}")
+        assert np.array_equal(got[1], g), "adamw_update must not modify the gradient"
+
+
+@check("lion_update")
+def _check_lion_update(be, rng):
+    for shape, wd in [((1,), 0.0), ((7, 13), 0.1), ((1000,), 0.0), ((33, 65), 0.01)]:
+        p, g, m = _optimizer_tensors(rng, shape)
+        options = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.99, "weight_decay": wd}
+        got, want, _, _ = _run_inplace(be, "lion_update", [p, g, m], options)
+        for k, label in ((0, "p"), (2, "m")):
+            assert_close(got[k], want[k], f"{be.name}.lion_update {label} {shape}")
+
+
+@check("muon_momentum")
+def _check_muon_momentum(be, rng):
+    for shape in [(1, 1), (7, 13), (64, 48)]:
+        _, g, buf = _optimizer_tensors(rng, shape)
+        for nesterov in (True, False):
+            got, want, u, u_ref = _run_inplace(be, "muon_momentum", [buf, g], {"beta": 0.95, "nesterov": nesterov})
+            what = f"{be.name}.muon_momentum {shape} nesterov={nesterov}"
+            assert_close(got[0], want[0], f"{what} buf")
+            assert be.to_numpy(u).dtype == np.float32, f"{what}: u dtype"
+            assert_close(be.to_numpy(u), u_ref, f"{what} u")
+
+
+def _muon8_state(rng, n, scale=0.01):
+    """Int8 buffer and scales as a previous step leaves them (an all-zero block with scale 0 when
+    there are at least two blocks)."""
+    blocks = -(-n // 256)
+    q = rng.integers(-127, 128, n).astype(np.int8)
+    s = rng.uniform(0.2, 1.0, blocks).astype(np.float32) * np.float32(scale / 127)
+    if blocks > 1:
+        q[256:512] = 0
+        s[1] = 0.0
+    return q, s
+
+
+@check("muon8_momentum")
+def _check_muon8_momentum(be, rng):
+    cases = []  # (label, qbuf, scales, g, beta)
+    for shape in [(1,), (255,), (256,), (257,), (37, 29), (3, 700)]:
+        n = int(np.prod(shape))
+        q, s = _muon8_state(rng, n)
+        g = (rng.standard_normal(shape) * 0.01).astype(np.float32)
+        if n > 512:
+            g.reshape(-1)[256:512] = 0.0  # with its zero state: a zero block -> scale 0, q 0
+        cases.append((f" {shape}", q, s, g, 0.95))
+    # Rounding ties: from a zero state with beta = 0 the buffer is g itself; absmax 127 gives
+    # scale 1 (ties at k + 0.5), absmax 63.5 gives scale 0.5 (ties at odd quarters).
+    ties = np.array([127.0, 0.5, -0.5, 1.5, -1.5, 2.5, -126.5, 126.5, 0.49999997, -0.49999997], np.float32)
+    g = np.zeros(600, np.float32)
+    g[: ties.size] = ties
+    g[256: 256 + ties.size] = ties / 2
+    g[512:522] = [63.5, 0.25, -0.25, 0.75, -0.75, 31.75, -31.75, 0.0, 1e-30, -1e-30]
+    cases.append((" ties", np.zeros(600, np.int8), np.zeros(3, np.float32), g, 0.0))
+    for label, q, s, g, beta in cases:
+        for nesterov in (True, False):
+            what = f"{be.name}.muon8_momentum{label} nesterov={nesterov}"
+            got, want, u, u_ref = _run_inplace(be, "muon8_momentum", [q, s, g], {"beta": beta, "nesterov": nesterov})
+            assert_exact(got[0], want[0], f"{what} int8 buffer")
+            if beta == 0.0:  # exactly representable arithmetic: scales are exact on any backend
+                assert_exact(got[1], want[1], f"{what} scales")
+            else:
+                assert_close(got[1], want[1], f"{what} scales")
+            assert be.to_numpy(u).dtype == np.float32, f"{what}: u dtype"
+            assert_close(be.to_numpy(u), u_ref, f"{what} u")
+
+
+@check("newton_schulz")
+def _check_newton_schulz(be, rng):
+    polar = ref_optim.POLAR_EXPRESS_COEFFICIENTS
+    cases = [  # shape, steps, coefficients
+        ((1, 1), 5, None), ((1, 6), 5, None), ((6, 1), 5, None), ((3, 4), 5, None), ((40, 24), 5, None),
+        ((24, 40), 5, None), ((64, 64), 5, None), ((48, 80), 0, None), ((80, 48), 3, None),
+        ((32, 96), 10, polar), ((96, 32), 2, polar[:1]),
+    ]
+    for shape, steps, coefficients in cases:
+        u = rng.standard_normal(shape)
+        options = {"steps": steps, "coefficients": coefficients}
+        got = be.to_numpy(be.newton_schulz(be.asarray(u.astype(np.float32)), **options))
+        want = reference.OPS["newton_schulz"](u.astype(np.float32).astype(np.float64), **options)
+        assert got.dtype == np.float32, f"{be.name}.newton_schulz: dtype {got.dtype}"
+        assert_close(got, want, f"{be.name}.newton_schulz {shape} steps {steps}")
+    zero = be.to_numpy(be.newton_schulz(be.asarray(np.zeros((4, 6), np.float32))))
+    assert np.array_equal(zero, np.zeros((4, 6), np.float32)), "newton_schulz of a zero matrix must be zero"
+
+
+def _bits(a):
+    a = np.asarray(a)
+    return a.view(np.uint32) if a.dtype == np.float32 else a
+
+
+def test_numba_optimizer_steps_are_bit_exact():
+    """The numba optimizer kernels repeat the reference's float32 arithmetic operation by
+    operation: several chained steps leave bit-identical parameters and state (int8 buffers and
+    scales included), on sizes around the 256-element blocks and the parallel threshold."""
+    reason = backends.unavailable_reason("numba")
+    if reason is not None:
+        pytest.skip(f"numba is not available here: {reason}")
+    be = backends.get_backend("numba")
+    rng = np.random.default_rng(11)
+    for shape in [(1,), (255,), (257,), (37, 29), (300_000,)]:
+        p, g0, m = _optimizer_tensors(rng, shape)
+        states = {
+            "adamw_update": [p, m.copy(), np.abs(m) * 0.1],
+            "lion_update": [p, m.copy()],
+            "muon_momentum": [m.copy()],
+            "muon8_momentum": list(_muon8_state(rng, p.size)),
+        }
+        for step in range(1, 4):
+            g = g0 * np.float32(step) if step < 3 else np.zeros_like(g0)  # a zero gradient last
+            options = {
+                "adamw_update": {"lr": 1e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1, "step": step},
+                "lion_update": {"lr": 1e-2, "beta1": 0.9, "beta2": 0.99, "weight_decay": 0.1 * (step - 1)},
+                "muon_momentum": {"beta": 0.95, "nesterov": step != 2},
+                "muon8_momentum": {"beta": 0.95, "nesterov": step != 2},
+            }
+            for name, state in states.items():
+                g_at = 1 if name in ("adamw_update", "lion_update") else len(state)
+                args = state[:g_at] + [g] + state[g_at:]
+                mine = [a.copy() for a in args]
+                out = be.op(name)(*mine, **options[name])
+                out_ref = reference.OPS[name](*args, **options[name])
+                what = f"numba.{name} {shape} step {step}"
+                for k, (got, want) in enumerate(zip(mine, args)):
+                    assert np.array_equal(_bits(got), _bits(want)), f"{what}: argument {k} differs from the reference"
+                if out_ref is not None:
+                    assert np.array_equal(_bits(out), _bits(out_ref)), f"{what}: the returned update differs"
+                if name == "muon_momentum" and not options[name]["nesterov"]:
+                    assert out is mine[0], "muon_momentum without Nesterov returns the buffer itself"
+                states[name] = mine[:g_at] + mine[g_at + 1:]
+    # Other dtypes take the reference path unchanged.
+    p, g, m = (a.astype(np.float64) for a in _optimizer_tensors(rng, (5, 7)))
+    mine, theirs = [p.copy(), m.copy()], [p.copy(), m.copy()]
+    be.lion_update(mine[0], g, mine[1], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0)
+    reference.OPS["lion_update"](theirs[0], g, theirs[1], lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0)
+    assert all(np.array_equal(a, b) for a, b in zip(mine, theirs))
 
 
 # --- the tests ----------------------------------------------------------------------------------

@@ -9,6 +9,13 @@ from importlib import resources
 
 NVRTC_OPTIONS = ("-std=c++17",)
 KERNEL_FILES = ("ternary.cu", "nn.cu", "optim.cu")
+# Extra NVRTC options per file: the optimizer kernels must not fuse multiply-adds, so that
+# they round like the reference's separate float32 operations.
+FILE_OPTIONS = {"optim.cu": ("--fmad=false",)}
+
+
+def nvrtc_options(filename):
+    return (*NVRTC_OPTIONS, *FILE_OPTIONS.get(filename, ()))
 
 
 def kernel_source(filename):
@@ -22,7 +29,7 @@ def compile_source(source, arch="compute_90", filename="kernel.cu"):
     prog = nvrtc.createProgram(source, filename, [], [])
     try:
         try:
-            nvrtc.compileProgram(prog, [f"--gpu-architecture={arch}", *NVRTC_OPTIONS])
+            nvrtc.compileProgram(prog, [f"--gpu-architecture={arch}", *nvrtc_options(filename)])
         except Exception as exc:
             log = nvrtc.getProgramLog(prog)
             raise RuntimeError(f"{filename} does not compile for {arch}: {exc}\n{log}") from None

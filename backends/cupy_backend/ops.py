@@ -14,14 +14,14 @@ import cupy as cp
 from reference.autograd import Function
 from reference.ternary import RowSelection, resolve_keep
 
-from .compile import NVRTC_OPTIONS, kernel_source
+from .compile import kernel_source, nvrtc_options
 
 _THREADS = 256
 
 
 @functools.lru_cache(maxsize=None)
 def _module(filename):
-    return cp.RawModule(code=kernel_source(filename), options=NVRTC_OPTIONS)
+    return cp.RawModule(code=kernel_source(filename), options=nvrtc_options(filename))
 
 
 def _kernel(filename, name):
@@ -366,7 +366,8 @@ def muon_momentum(buf, g, *, beta, nesterov):
     _check_f32("muon_momentum", buf)
     u = cp.empty_like(buf)
     _kernel("optim.cu", "muon_momentum")(
-        _blocks(buf.size), (_THREADS,), (buf, _f32(g), u, cp.uint64(buf.size), cp.float32(beta), cp.int32(bool(nesterov)))
+        _blocks(buf.size), (_THREADS,),
+        (buf, _f32(g), u, cp.uint64(buf.size), cp.float32(beta), cp.float32(1.0 - beta), cp.int32(bool(nesterov))),
     )
     return u
 
@@ -377,7 +378,8 @@ def muon8_momentum(qbuf, scales, g, *, beta, nesterov):
         raise ValueError(f"muon8_momentum: {qbuf.size} int8 values and {scales.size} scales do not fit {n} elements")
     u = cp.empty(g.shape, dtype=cp.float32)
     _kernel("optim.cu", "muon8_momentum")(
-        (scales.size,), (256,), (qbuf, scales, _f32(g), u, cp.uint64(n), cp.float32(beta), cp.int32(bool(nesterov)))
+        (scales.size,), (256,),
+        (qbuf, scales, _f32(g), u, cp.uint64(n), cp.float32(beta), cp.float32(1.0 - beta), cp.int32(bool(nesterov))),
     )
     return u
 

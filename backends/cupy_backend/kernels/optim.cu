@@ -1,7 +1,12 @@
 // Fused optimizer updates (SPEC section 4), float32 parameters, in place.
+// Compiled with --fmad=false and given one_minus_beta from the host, so the momentum kernels
+// round exactly like the reference's float32 expressions (8-bit Muon's int8 values must match).
 
 __device__ __forceinline__ float round_half_away(float v) {
-    float r = floorf(fabsf(v) + 0.5f);
+    // floor(|v| + 0.5) rounds 0.49999997f up (the sum rounds to 1); compare the fraction instead.
+    float a = fabsf(v);
+    float r = floorf(a);
+    if (a - r >= 0.5f) r += 1.0f;
     return v < 0.0f ? -r : r;
 }
 
@@ -36,11 +41,12 @@ extern "C" __global__ void lion_update(float* __restrict__ p, const float* __res
 
 // Muon momentum: buf = lerp(buf, g, 1 - beta); u = lerp(g, buf, beta) (Nesterov) or buf.
 extern "C" __global__ void muon_momentum(float* __restrict__ buf, const float* __restrict__ g,
-                                         float* __restrict__ u, size_t n, float beta, int nesterov) {
+                                         float* __restrict__ u, size_t n, float beta, float one_minus_beta,
+                                         int nesterov) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float gi = g[i];
-    float b = buf[i] + (1.0f - beta) * (gi - buf[i]);
+    float b = buf[i] + one_minus_beta * (gi - buf[i]);
     buf[i] = b;
     u[i] = nesterov ? gi + beta * (b - gi) : b;
 }
@@ -49,13 +55,13 @@ extern "C" __global__ void muon_momentum(float* __restrict__ buf, const float* _
 // update, requantize (scale = absmax / 127, round half away from zero) in one pass.
 extern "C" __global__ void __launch_bounds__(256) muon8_momentum(
         signed char* __restrict__ qbuf, float* __restrict__ scales, const float* __restrict__ g,
-        float* __restrict__ u, size_t n, float beta, int nesterov) {
+        float* __restrict__ u, size_t n, float beta, float one_minus_beta, int nesterov) {
     __shared__ float red[8];
     size_t i = (size_t)blockIdx.x * 256 + threadIdx.x;
     bool live = i < n;
     float gi = live ? g[i] : 0.0f;
     float b_old = live ? (float)qbuf[i] * scales[blockIdx.x] : 0.0f;
-    float b = b_old + (1.0f - beta) * (gi - b_old);
+    float b = b_old + one_minus_beta * (gi - b_old);
     if (live) u[i] = nesterov ? gi + beta * (b - gi) : b;
     float a = live ? fabsf(b) : 0.0f;
     for (int o = 16; o > 0; o >>= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));

@@ -6,7 +6,10 @@
 
 // Round half away from zero, the project's one rounding rule (not rintf's half-to-even).
 __device__ __forceinline__ float round_half_away(float v) {
-    float r = floorf(fabsf(v) + 0.5f);
+    // floor(|v| + 0.5) rounds 0.49999997f up (the sum rounds to 1); compare the fraction instead.
+    float a = fabsf(v);
+    float r = floorf(a);
+    if (a - r >= 0.5f) r += 1.0f;
     return v < 0.0f ? -r : r;
 }
 

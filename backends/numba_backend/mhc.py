@@ -1,0 +1,512 @@
+"""Fused float32 mHC kernels (``reference.mhc``): applying the stream coefficients and the
+dynamic (mHC-lite) coefficients, forward and backward.
+
+Each op keeps the reference's name, signature and semantics; arrays are viewed as
+``[tokens, n, C]``. Shared coefficients (``[n]``, ``[n, n]``) and per-token ones
+(``[T, n]``, ``[T, n, n]``) go through the same kernels: a coefficient array has one row
+(shared) or one row per token. Other dtypes, empty inputs and invalid shapes go to the
+reference unchanged (so errors read the same on every backend).
+
+What the kernels save over the reference:
+
+- ``mhc_pre``/``mhc_post``: one pass per token over its ``n`` streams, where the reference
+  broadcasts into ``[T, n, C]`` temporaries and runs ``T`` tiny matmuls. ``mhc_post`` keeps
+  ``X`` and ``y`` for the backward instead of a new ``Z = X + h_post y`` (recomputed per token
+  there), and its backward forms every gradient in one pass.
+- ``mhc_dynamic_coeffs``: the normalised input ``flatten(X) * rstd`` is never stored: the
+  projection is ``rstd * (flatten(X) @ W^T)``, and the backward folds ``rstd`` into the two
+  products (``dW = (gate rstd dlogits)^T @ flatten(X)``, ``rstd dnormed = (gate rstd dlogits) @ W``),
+  after which RMSNorm's input gradient is one fused pass. The three products stay in BLAS; the
+  coefficient math (sigmoid, softmax over the permutations, ``H_res``) and its backward run
+  per token in one small kernel each.
+- Sums over ``C`` (and over tokens, for shared coefficients) accumulate in float64.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from reference import mhc as ref
+from reference.autograd import Function, Tensor
+
+from .nn import _sigmoid, exp_nonpos
+
+_F32 = np.dtype(np.float32)
+
+# Below this many stream elements (T * n * C) a kernel runs as one task.
+PARALLEL_MIN_ELEMENTS = 1 << 16
+
+# Row k: the column that permutation k puts in each row (``P_k[i, perm[k, i]] = 1``).
+_PERMS = {2: np.array([[0, 1], [1, 0]], np.int64), 4: np.array(ref.PERMUTATIONS_4, np.int64)}
+
+
+def _arr(a):
+    return a.data if isinstance(a, Tensor) else a
+
+
+def _all_f32(*arrays):
+    return all(getattr(_arr(a), "dtype", None) == _F32 for a in arrays)
+
+
+def _tasks(tokens, elements):
+    if elements < PARALLEL_MIN_ELEMENTS:
+        return 1
+    return max(1, min(tokens, numba.get_num_threads()))
+
+
+def _streams(x):
+    """``X [..., n, C]`` as a contiguous ``[T, n, C]`` array."""
+    return np.ascontiguousarray(x).reshape((-1,) + x.shape[-2:])
+
+
+def _rows(coeff, tail):
+    """A shared or per-token coefficient as ``[1 or T, *tail]`` (contiguous)."""
+    return np.ascontiguousarray(coeff).reshape((-1,) + tail)
+
+
+# Reductions over C accumulate in float64 and may be reassociated ("reassoc" only: no
+# assumptions about NaN or infinities), which lets LLVM vectorise them: 4x faster than a
+# fixed-order sum, and no less accurate in float64.
+@njit(cache=True, fastmath={"reassoc"}, error_model="numpy")
+def _dot(a, b):
+    s = 0.0
+    for i in range(a.shape[0]):
+        s += np.float64(a[i]) * np.float64(b[i])
+    return s
+
+
+@njit(cache=True, fastmath={"reassoc"}, error_model="numpy")
+def _sumsq(a):
+    s = 0.0
+    for i in range(a.shape[0]):
+        v = np.float64(a[i])
+        s += v * v
+    return s
+
+
+# --- mhc_pre -------------------------------------------------------------------------------
+
+
+@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
+def _pre_forward(x, h, u, n_tasks):
+    """u[t] = sum_s h[t or 0, s] x[t, s]."""
+    t_len, n, c_len = x.shape
+    per_token = h.shape[0] > 1
+    for task in prange(n_tasks):
+        for t in range(task * t_len // n_tasks, (task + 1) * t_len // n_tasks):
+            ht = t if per_token else 0
+            ur = u[t]
+            h0 = h[ht, 0]
+            x0 = x[t, 0]
+            for c in range(c_len):
+                ur[c] = h0 * x0[c]
+            for s in range(1, n):
+                hs = h[ht, s]
+                xs = x[t, s]
+                for c in range(c_len):
+                    ur[c] += hs * xs[c]
+
+
+@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
+def _pre_backward(x, h, g, dx, dh, dh_parts, n_tasks, want_dx, want_dh, per_token_dh):
+    """dx[t, s] = h[s] g[t]; dh[t, s] = <x[t, s], g[t]> (or its sum over tokens, per task)."""
+    t_len, n, c_len = x.shape
+    per_token = h.shape[0] > 1
+    for task in prange(n_tasks):
+        for t in range(task * t_len // n_tasks, (task + 1) * t_len // n_tasks):
+            ht = t if per_token else 0
+            gr = g[t]
+            for s in range(n):
+                if want_dx:
+                    hs = h[ht, s]
+                    dxr = dx[t, s]
+                    for c in range(c_len):
+                        dxr[c] = hs * gr[c]
+                if want_dh:
+                    d = _dot(x[t, s], gr)
+                    if per_token_dh:
+                        dh[t, s] = np.float32(d)
+                    else:
+                        dh_parts[task, s] += d
+
+
+class MhcPre(Function):
+    """``reference.mhc.MhcPre`` (float32, fused)."""
+
+    @staticmethod
+    def forward(ctx, x, h_pre):
+        shared = ref._check_stream_coeff("mhc_pre", "h_pre", h_pre, x, (x.shape[-2],))
+        x3 = _streams(x)
+        t_len, n, c_len = x3.shape
+        h = _rows(h_pre, (n,))
+        u = np.empty((t_len, c_len), np.float32)
+        n_tasks = _tasks(t_len, x3.size)
+        _pre_forward(x3, h, u, n_tasks)
+        ctx.save(x3, h, h_pre.shape, shared, x.shape, n_tasks)
+        return u.reshape(x.shape[:-2] + (c_len,))
+
+    @staticmethod
+    def backward(ctx, g):
+        x3, h, h_shape, shared, x_shape, n_tasks = ctx.saved
+        want_dx, want_dh = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        t_len, n, c_len = x3.shape
+        g2 = np.ascontiguousarray(g, dtype=np.float32).reshape(t_len, c_len)
+        dx = np.empty_like(x3) if want_dx else np.empty((0, 0, 0), np.float32)
+        dh = np.empty((t_len, n) if want_dh and not shared else (0, 0), np.float32)
+        parts = np.zeros((n_tasks, n), np.float64)
+        _pre_backward(x3, h, g2, dx, dh, parts, n_tasks, want_dx, want_dh, not shared)
+        d_h = None
+        if want_dh:
+            d_h = (parts.sum(axis=0).astype(np.float32) if shared else dh).reshape(h_shape)
+        return (dx.reshape(x_shape) if want_dx else None), d_h
+
+
+def mhc_pre(x, h_pre):
+    """``mhc_pre(X [..., n, C], h_pre [n] or [..., n]) -> u [..., C]``, ``u = sum_s h_pre[s] X[s]``."""
+    xd = _arr(x)
+    if not _all_f32(x, h_pre) or xd.ndim < 2 or xd.size == 0:
+        return ref.mhc_pre(x, h_pre)
+    return MhcPre.apply(x, h_pre)
+
+
+# --- mhc_post ------------------------------------------------------------------------------
+
+
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _mix_rows(x, y, hp, z):
+    """z[j] = x[j] + hp[j] y (the reference's Z for one token)."""
+    n, c_len = x.shape
+    for j in range(n):
+        hj = hp[j]
+        xj = x[j]
+        zj = z[j]
+        for c in range(c_len):
+            zj[c] = xj[c] + hj * y[c]
+
+
+@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
+def _post_forward(x, y, hr, hp, out, n_tasks):
+    """out[t, i] = sum_j H[i, j] (x[t, j] + hp[j] y[t])."""
+    t_len, n, c_len = x.shape
+    res_per_token = hr.shape[0] > 1
+    post_per_token = hp.shape[0] > 1
+    for task in prange(n_tasks):
+        z = np.empty((n, c_len), np.float32)
+        for t in range(task * t_len // n_tasks, (task + 1) * t_len // n_tasks):
+            rt = t if res_per_token else 0
+            pt = t if post_per_token else 0
+            _mix_rows(x[t], y[t], hp[pt], z)
+            for i in range(n):
+                o = out[t, i]
+                w0 = hr[rt, i, 0]
+                z0 = z[0]
+                for c in range(c_len):
+                    o[c] = w0 * z0[c]
+                for j in range(1, n):
+                    w = hr[rt, i, j]
+                    zj = z[j]
+                    for c in range(c_len):
+                        o[c] += w * zj[c]
+
+
+@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
+def _post_backward(x, y, hr, hp, g, dz, dy, dres, dpost, res_parts, post_parts, n_tasks,
+                   want_dy, want_dres, want_dpost, res_shared, post_shared):
+    """dz[t, j] = sum_i H[i, j] g[t, i]; dy[t] = sum_j hp[j] dz[t, j];
+    dres[t, i, j] = <g[t, i], z[t, j]>; dpost[t, j] = <dz[t, j], y[t]> (shared ones summed per task)."""
+    t_len, n, c_len = x.shape
+    res_per_token = hr.shape[0] > 1
+    post_per_token = hp.shape[0] > 1
+    for task in prange(n_tasks):
+        z = np.empty((n, c_len), np.float32)
+        for t in range(task * t_len // n_tasks, (task + 1) * t_len // n_tasks):
+            rt = t if res_per_token else 0
+            pt = t if post_per_token else 0
+            for j in range(n):
+                d = dz[t, j]
+                w0 = hr[rt, 0, j]
+                g0 = g[t, 0]
+                for c in range(c_len):
+                    d[c] = w0 * g0[c]
+                for i in range(1, n):
+                    w = hr[rt, i, j]
+                    gi = g[t, i]
+                    for c in range(c_len):
+                        d[c] += w * gi[c]
+            if want_dy:
+                dyr = dy[t]
+                h0 = hp[pt, 0]
+                d0 = dz[t, 0]
+                for c in range(c_len):
+                    dyr[c] = h0 * d0[c]
+                for j in range(1, n):
+                    hj = hp[pt, j]
+                    dj = dz[t, j]
+                    for c in range(c_len):
+                        dyr[c] += hj * dj[c]
+            if want_dres:
+                _mix_rows(x[t], y[t], hp[pt], z)
+                for i in range(n):
+                    for j in range(n):
+                        d = _dot(g[t, i], z[j])
+                        if res_shared:
+                            res_parts[task, i, j] += d
+                        else:
+                            dres[t, i, j] = np.float32(d)
+            if want_dpost:
+                for j in range(n):
+                    d = _dot(dz[t, j], y[t])
+                    if post_shared:
+                        post_parts[task, j] += d
+                    else:
+                        dpost[t, j] = np.float32(d)
+
+
+class MhcPost(Function):
+    """``reference.mhc.MhcPost`` (float32, fused)."""
+
+    @staticmethod
+    def forward(ctx, x, y, h_res, h_post):
+        if x.ndim < 2 or y.shape != x.shape[:-2] + x.shape[-1:]:
+            raise ValueError(f"mhc_post: X has shape {x.shape} and y {y.shape}, expected [..., n, C] and [..., C]")
+        n = x.shape[-2]
+        shared_res = ref._check_stream_coeff("mhc_post", "H_res", h_res, x, (n, n))
+        shared_post = ref._check_stream_coeff("mhc_post", "h_post", h_post, x, (n,))
+        x3 = _streams(x)
+        t_len, _, c_len = x3.shape
+        y2 = np.ascontiguousarray(y).reshape(t_len, c_len)
+        hr, hp = _rows(h_res, (n, n)), _rows(h_post, (n,))
+        out = np.empty_like(x3)
+        n_tasks = _tasks(t_len, x3.size)
+        _post_forward(x3, y2, hr, hp, out, n_tasks)
+        ctx.save(x3, y2, hr, hp, h_res.shape, h_post.shape, shared_res, shared_post, x.shape, y.shape, n_tasks)
+        return out.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        x3, y2, hr, hp, res_shape, post_shape, shared_res, shared_post, x_shape, y_shape, n_tasks = ctx.saved
+        needs = ctx.needs_input_grad
+        want_dy, want_dres, want_dpost = needs[1], needs[2], needs[3]
+        t_len, n, c_len = x3.shape
+        g3 = np.ascontiguousarray(g, dtype=np.float32).reshape(x3.shape)
+        dz = np.empty_like(x3)
+        dy = np.empty((t_len, c_len) if want_dy else (0, 0), np.float32)
+        dres = np.empty((t_len, n, n) if want_dres and not shared_res else (0, 0, 0), np.float32)
+        dpost = np.empty((t_len, n) if want_dpost and not shared_post else (0, 0), np.float32)
+        res_parts = np.zeros((n_tasks, n, n), np.float64)
+        post_parts = np.zeros((n_tasks, n), np.float64)
+        _post_backward(x3, y2, hr, hp, g3, dz, dy, dres, dpost, res_parts, post_parts, n_tasks,
+                       want_dy, want_dres, want_dpost, shared_res, shared_post)
+        d_res = d_post = None
+        if want_dres:
+            d_res = (res_parts.sum(axis=0).astype(np.float32) if shared_res else dres).reshape(res_shape)
+        if want_dpost:
+            d_post = (post_parts.sum(axis=0).astype(np.float32) if shared_post else dpost).reshape(post_shape)
+        return (dz.reshape(x_shape) if needs[0] else None,
+                dy.reshape(y_shape) if want_dy else None, d_res, d_post)
+
+
+def mhc_post(x, y, h_res, h_post):
+    """``mhc_post(X [..., n, C], y [..., C], H_res [n, n] or [..., n, n], h_post [n] or [..., n])
+    -> X' [..., n, C]``, ``X' = H_res @ (X + h_post (outer) y)``."""
+    xd = _arr(x)
+    if not _all_f32(x, y, h_res, h_post) or xd.ndim < 2 or xd.size == 0:
+        return ref.mhc_post(x, y, h_res, h_post)
+    return MhcPost.apply(x, y, h_res, h_post)
+
+
+# --- mhc_dynamic_coeffs --------------------------------------------------------------------
+
+
+@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
+def _rstd_rows(flat, eps, rstd, n_tasks):
+    t_len, width = flat.shape
+    for task in prange(n_tasks):
+        for t in range(task * t_len // n_tasks, (task + 1) * t_len // n_tasks):
+            rstd[t] = np.float32(1.0) / np.float32(np.sqrt(_sumsq(flat[t]) / width + eps))
+
+
+# The per-token coefficient math is a few hundred flops per token: one thread does it in a
+# fraction of the products' time, so these two kernels are serial.
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _coeffs_forward(raw, rstd, base, gate, perms, n, proj, weights, s_pre, s_post, h_res, h_pre, h_post):
+    """Per token: proj = rstd * raw; logits = base + gate * proj; then the coefficient math of
+    ``reference.mhc._coeffs_forward`` (weights: sigmoid pair for n = 2, softmax over 24 for n = 4)."""
+    t_len, n_out = raw.shape
+    r = n_out - 2 * n
+    n_perm = perms.shape[0]
+    one = np.float32(1.0)
+    logits = np.empty(n_out, np.float32)
+    for t in range(t_len):
+        rs = rstd[t]
+        for k in range(n_out):
+            p = raw[t, k] * rs
+            proj[t, k] = p
+            logits[k] = base[k] + gate * p
+        w = weights[t]
+        if n == 2:
+            a = _sigmoid(logits[0])
+            w[0] = a
+            w[1] = one - a
+        else:
+            m = logits[0]
+            for k in range(1, r):
+                m = logits[k] if logits[k] > m else m
+            total = np.float32(0.0)
+            for k in range(r):
+                e = exp_nonpos(logits[k] - m)
+                w[k] = e
+                total += e
+            for k in range(r):
+                w[k] = w[k] / total
+        hr = h_res[t]
+        hr[:, :] = 0.0
+        for k in range(n_perm):
+            for i in range(n):
+                hr[i, perms[k, i]] += w[k]
+        for s in range(n):
+            sp = _sigmoid(logits[r + s])
+            sq = _sigmoid(logits[r + n + s])
+            s_pre[t, s] = sp
+            s_post[t, s] = sq
+            h_pre[t, s] = sp
+            h_post[t, s] = np.float32(n) * sq
+
+
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _coeffs_backward(g_res, g_pre, g_post, weights, s_pre, s_post, perms, proj, rstd, gate, d_scaled, d_base):
+    """Per token: the logit gradient (``reference.mhc._coeffs_backward``) into ``d_scaled``
+    already multiplied by ``gate * rstd`` (what dW needs), its float64 sum over tokens into
+    ``d_base``; returns the float64 sum of ``d_logits * proj`` (the gate's gradient)."""
+    t_len, n = g_pre.shape
+    n_perm = perms.shape[0]
+    n_out = d_scaled.shape[1]
+    r = n_out - 2 * n
+    one = np.float32(1.0)
+    g_w = np.empty(n_perm, np.float32)
+    dl = np.empty(n_out, np.float32)
+    d_gate = 0.0
+    for t in range(t_len):
+        gr = g_res[t]
+        for k in range(n_perm):
+            acc = np.float32(0.0)
+            for i in range(n):
+                acc += gr[i, perms[k, i]]
+            g_w[k] = acc
+        w = weights[t]
+        if n == 2:
+            a = w[0]
+            dl[0] = (g_w[0] - g_w[1]) * (a * (one - a))
+        else:
+            dot = np.float32(0.0)
+            for k in range(r):
+                dot += w[k] * g_w[k]
+            for k in range(r):
+                dl[k] = w[k] * (g_w[k] - dot)
+        for s in range(n):
+            sp = s_pre[t, s]
+            sq = s_post[t, s]
+            dl[r + s] = g_pre[t, s] * sp * (one - sp)
+            dl[r + n + s] = g_post[t, s] * (np.float32(n) * sq * (one - sq))
+        scale = gate * rstd[t]
+        for k in range(n_out):
+            d_base[k] += dl[k]
+            d_gate += np.float64(dl[k]) * proj[t, k]
+            d_scaled[t, k] = scale * dl[k]
+    return d_gate
+
+
+@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
+def _rmsnorm_input_grad(flat, rstd, d, n_tasks):
+    """RMSNorm's input gradient, in place on ``d = rstd * d_normed`` (rows scaled by rstd):
+    ``rstd (d_normed - xhat mean(d_normed xhat))`` with ``xhat = rstd flat`` is
+    ``d - flat * rstd^2 <d, flat> / width``."""
+    t_len, width = flat.shape
+    for task in prange(n_tasks):
+        for t in range(task * t_len // n_tasks, (task + 1) * t_len // n_tasks):
+            rs = np.float64(rstd[t])
+            k = np.float32(rs * rs * _dot(d[t], flat[t]) / width)
+            dr = d[t]
+            xr = flat[t]
+            for c in range(width):
+                dr[c] = dr[c] - xr[c] * k
+
+
+class MhcDynamicCoeffs(Function):
+    """``reference.mhc.MhcDynamicCoeffs`` (float32): BLAS products, fused per-token math."""
+
+    @staticmethod
+    def forward(ctx, x, dyn_weight, dyn_gate, res_logits, pre_logits, pre_bias, post_logits, post_bias, eps=1e-6):
+        base_pre, base_post = pre_logits + pre_bias, post_logits + post_bias
+        n = ref._check_coeff_shapes("mhc_dynamic_coeffs", res_logits, base_pre, base_post)
+        if base_pre.ndim != 1:
+            raise ValueError(
+                f"mhc_dynamic_coeffs: the static logits must be 1-D, got pre_logits shape {base_pre.shape}"
+            )
+        if x.ndim < 2 or x.shape[-2] != n:
+            raise ValueError(f"mhc_dynamic_coeffs: X has shape {x.shape}, expected [..., {n}, C]")
+        n_in, n_out = n * x.shape[-1], ref.n_logits(n)
+        if dyn_weight.shape != (n_out, n_in):
+            raise ValueError(f"mhc_dynamic_coeffs: dyn_weight has shape {dyn_weight.shape}, expected {(n_out, n_in)}")
+        if dyn_gate.size != 1:
+            raise ValueError(f"mhc_dynamic_coeffs: dyn_gate must hold one value, got shape {dyn_gate.shape}")
+        lead = x.shape[:-2]
+        flat = np.ascontiguousarray(x).reshape(-1, n_in)
+        t_len = flat.shape[0]
+        weight = np.ascontiguousarray(dyn_weight)
+        n_tasks = _tasks(t_len, flat.size)
+        rstd = np.empty(t_len, np.float32)
+        _rstd_rows(flat, np.float64(eps), rstd, n_tasks)
+        raw = flat @ weight.T  # the projection of the unnormalised input; rstd is applied per token
+        base = np.concatenate([res_logits, base_pre, base_post]).astype(np.float32)
+        gate = np.float32(dyn_gate.reshape(()))
+        r = ref.RES_SIZE[n]
+        proj = np.empty((t_len, n_out), np.float32)
+        weights = np.empty((t_len, 2 if n == 2 else r), np.float32)
+        s_pre, s_post = np.empty((t_len, n), np.float32), np.empty((t_len, n), np.float32)
+        h_res = np.empty((t_len, n, n), np.float32)
+        h_pre, h_post = np.empty((t_len, n), np.float32), np.empty((t_len, n), np.float32)
+        _coeffs_forward(raw, rstd, base, gate, _PERMS[n], n, proj, weights, s_pre, s_post, h_res, h_pre, h_post)
+        ctx.save(n, flat, rstd, proj, weights, s_pre, s_post, weight, dyn_gate.shape, gate, x.shape)
+        return h_res.reshape(lead + (n, n)), h_pre.reshape(lead + (n,)), h_post.reshape(lead + (n,))
+
+    @staticmethod
+    def backward(ctx, g_res, g_pre, g_post):
+        n, flat, rstd, proj, weights, s_pre, s_post, weight, gate_shape, gate, x_shape = ctx.saved
+        needs = ctx.needs_input_grad
+        t_len, n_out = proj.shape
+        g_res = np.ascontiguousarray(g_res, dtype=np.float32).reshape(t_len, n, n)
+        g_pre = np.ascontiguousarray(g_pre, dtype=np.float32).reshape(t_len, n)
+        g_post = np.ascontiguousarray(g_post, dtype=np.float32).reshape(t_len, n)
+        d_scaled = np.empty((t_len, n_out), np.float32)  # gate * rstd * d_logits
+        d_base64 = np.zeros(n_out, np.float64)
+        d_gate64 = _coeffs_backward(g_res, g_pre, g_post, weights, s_pre, s_post, _PERMS[n], proj, rstd, gate,
+                                    d_scaled, d_base64)
+        d_base = d_base64.astype(np.float32)
+        r = ref.RES_SIZE[n]
+        d_base_res, d_base_pre, d_base_post = d_base[:r], d_base[r:r + n], d_base[r + n:]
+        d_gate = np.full(gate_shape, d_gate64, np.float32) if needs[2] else None
+        d_weight = d_scaled.T @ flat if needs[1] else None  # = (gate d_logits)^T @ (rstd flat)
+        d_x = None
+        if needs[0]:
+            d = d_scaled @ weight  # rstd * d_normed, d_normed = (gate d_logits) @ W
+            _rmsnorm_input_grad(flat, rstd, d, _tasks(t_len, flat.size))
+            d_x = d.reshape(x_shape)
+        return d_x, d_weight, d_gate, d_base_res, d_base_pre, d_base_pre, d_base_post, d_base_post
+
+
+def mhc_dynamic_coeffs(x, dyn_weight, dyn_gate, res_logits, pre_logits, pre_bias, post_logits, post_bias, eps=1e-6):
+    """``reference.mhc.mhc_dynamic_coeffs`` (same arguments and results), fused for float32."""
+    args = (x, dyn_weight, dyn_gate, res_logits, pre_logits, pre_bias, post_logits, post_bias)
+    xd = _arr(x)
+    if not _all_f32(*args) or xd.ndim < 2 or xd.size == 0:
+        return ref.mhc_dynamic_coeffs(*args, eps=eps)
+    return MhcDynamicCoeffs.apply(*args, eps=eps)
+
+
+OPS = {
+    "mhc_pre": mhc_pre,
+    "mhc_post": mhc_post,
+    "mhc_dynamic_coeffs": mhc_dynamic_coeffs,
+}
