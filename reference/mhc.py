@@ -198,6 +198,16 @@ class MhcDynamicCoeffs(Function):
 
     @staticmethod
     def forward(ctx, x, dyn_weight, dyn_gate, res_logits, pre_logits, pre_bias, post_logits, post_bias, eps=1e-6):
+        # Computed in float64 whatever the input dtype, then rounded once: the per-token
+        # projection is a matmul whose BLAS summation order depends on the number of tokens,
+        # and a last-bit difference in a coefficient can flip an int8 activation rounding
+        # downstream. In float64 the training forward, a prefill and a one-token decode all
+        # round to the same float32 coefficients.
+        dtypes = tuple(a.dtype for a in (x, dyn_weight, dyn_gate, res_logits, pre_logits, pre_bias,
+                                         post_logits, post_bias))
+        x, dyn_weight, dyn_gate, res_logits, pre_logits, pre_bias, post_logits, post_bias = (
+            a.astype(np.float64, copy=False)
+            for a in (x, dyn_weight, dyn_gate, res_logits, pre_logits, pre_bias, post_logits, post_bias))
         base_pre, base_post = pre_logits + pre_bias, post_logits + post_bias
         n = _check_coeff_shapes("mhc_dynamic_coeffs", res_logits, base_pre, base_post)
         if base_pre.ndim != 1:
@@ -222,13 +232,16 @@ class MhcDynamicCoeffs(Function):
         r = RES_SIZE[n]
         res, pre, post = logits[:, :r], logits[:, r:r + n], logits[:, r + n:]
         h_res, h_pre, h_post, saved = _coeffs_forward(res, pre, post, n)
-        ctx.save(n, saved, x.shape, normed, rstd, proj, dyn_weight, dyn_gate)
-        return h_res.reshape(lead + (n, n)), h_pre.reshape(lead + (n,)), h_post.reshape(lead + (n,))
+        ctx.save(n, saved, x.shape, normed, rstd, proj, dyn_weight, dyn_gate, dtypes)
+        out = dtypes[0]
+        return (h_res.reshape(lead + (n, n)).astype(out), h_pre.reshape(lead + (n,)).astype(out),
+                h_post.reshape(lead + (n,)).astype(out))
 
     @staticmethod
     def backward(ctx, g_res, g_pre, g_post):
-        n, saved, x_shape, normed, rstd, proj, dyn_weight, dyn_gate = ctx.saved
+        n, saved, x_shape, normed, rstd, proj, dyn_weight, dyn_gate, dtypes = ctx.saved
         xp = array_module(normed)
+        g_res, g_pre, g_post = (g.astype(np.float64, copy=False) for g in (g_res, g_pre, g_post))
         d_res, d_pre, d_post = _coeffs_backward(
             saved, g_res.reshape(-1, n, n), g_pre.reshape(-1, n), g_post.reshape(-1, n), n
         )
@@ -246,7 +259,8 @@ class MhcDynamicCoeffs(Function):
             d_normed = d_proj @ dyn_weight
             d_flat = rstd * (d_normed - normed * (d_normed * normed).mean(axis=-1, keepdims=True))
             d_x = d_flat.reshape(x_shape)
-        return d_x, d_weight, d_gate, d_base_res, d_base_pre, d_base_pre, d_base_post, d_base_post
+        grads = (d_x, d_weight, d_gate, d_base_res, d_base_pre, d_base_pre, d_base_post, d_base_post)
+        return tuple(None if g is None else g.astype(dt, copy=False) for g, dt in zip(grads, dtypes))
 
 
 # --- applying the coefficients ---------------------------------------------------------------
