@@ -512,7 +512,7 @@ def environment():
         "numpy": np.__version__,
         "numba": numba.__version__,
         "platform": platform.platform(),
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
@@ -522,7 +522,8 @@ def environment():
     return info
 
 
-def _cpu_name():
+def cpu_name():
+    """The CPU's model name (for reports), or None when it cannot be read."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+
+from nanochat.bench import cpu_name as _report_cpu_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -50,13 +51,7 @@ def random_loaded(cfg, seed=0):
 
 
 def cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    return _report_cpu_name() or "unknown CPU"
 
 
 def decode_rate(engine, prompt, n_tokens, repeats):

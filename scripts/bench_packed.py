@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nanochat.bench import cpu_name as _report_cpu_name
+
 REPO = Path(__file__).resolve().parents[1]
 CASES = [  # (name, M, K, N)
     ("gemv 2048x2048", 2048, 2048, 1),
@@ -82,13 +84,7 @@ def worker(paths, repeats, stat):
 
 
 def cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+    return _report_cpu_name() or "unknown CPU"
 
 
 def main(argv=None):
