@@ -66,6 +66,7 @@ def _weight_scales(w32, group_size):
     )
     s = mean.astype(cp.float16).astype(cp.float32)
     s[mean < 1e-8] = 0
+    s[~cp.isfinite(s)] = cp.nan  # NaN/Inf groups, and means fp16 cannot hold, as in the reference
     return s
 
 
@@ -105,10 +106,22 @@ def unpack_ternary(packed):
 
 
 # ------------------------------------------------------------------------- int8 GEMM/GEMV
+def _grouped_gemm_fallback(xq, xs, wq, ws, group_size):
+    """The same product with cuBLAS, one float64 GEMM per group (exact integer sums), for
+    group sizes the dp4a kernel's 32-column tiles cannot follow."""
+    acc = cp.zeros((xq.shape[0], wq.shape[0]), dtype=cp.float64)
+    for g in range(wq.shape[1] // group_size):
+        cols = slice(g * group_size, (g + 1) * group_size)
+        acc += ws[:, g].astype(cp.float64) * (xq[:, cols].astype(cp.float64) @ wq[:, cols].astype(cp.float64).T)
+    return (cp.asarray(xs, dtype=cp.float64)[:, None] * acc).astype(cp.float32)
+
+
 def _int8_gemm(xq, xs, wq, ws, group_size):
     """y[n, m] = xs[n] * sum_g ws[m, g] * intsum over group g (dp4a kernel)."""
     n, k = xq.shape
     m = wq.shape[0]
+    if group_size % 32:
+        return _grouped_gemm_fallback(xq, xs, wq, ws, group_size)
     y = cp.empty((n, m), dtype=cp.float32)
     if n == 0 or m == 0:
         return y
@@ -201,6 +214,9 @@ def packed_gemv(handle, xq, xs):
     m, k = handle.shape
     if xq.shape != (k,):
         raise ValueError(f"packed_gemv: activations have shape {xq.shape}, expected ({k},)")
+    if handle.group_size % 64 or m == 0:
+        # The kernel reads 64 trits per 16-byte load and scales each load by one group.
+        return packed_gemm(handle, xq.reshape(1, k), cp.asarray(xs, dtype=cp.float32).reshape(1))[0]
     xs_dev = cp.asarray(xs, dtype=cp.float32).reshape(1)
     y = cp.empty((m,), dtype=cp.float32)
     warps = 8
@@ -312,12 +328,12 @@ class CrossEntropy(Function):
             coef_scale = safe
         else:
             raise ValueError(f"cross_entropy: reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-        ctx.save(lg, t, lse, w, coef_scale, reduction, ignore_index, weights is None)
+        ctx.save(lg, t, lse, w, coef_scale, reduction, ignore_index, weights is None, loss, valid, out)
         return out.astype(logits.dtype, copy=False)
 
     @staticmethod
     def backward(ctx, gout):
-        lg, t, lse, w, coef_scale, reduction, ignore_index, unweighted = ctx.saved
+        lg, t, lse, w, coef_scale, reduction, ignore_index, unweighted, loss, valid, out = ctx.saved
         n, v = lg.shape
         if reduction == "none":
             coef = _f32(gout) * (w if not unweighted else 1.0)
@@ -329,7 +345,15 @@ class CrossEntropy(Function):
         g = cp.empty_like(lg)
         if n:
             _kernel("nn.cu", "cross_entropy_bwd")((n,), (_THREADS,), (lg, t, lse, coef, g, cp.int32(v), cp.int64(ignore_index)))
-        return g.astype(gout.dtype, copy=False), None, None
+        gw = None
+        if ctx.needs_input_grad[2]:  # d out / d w_i, as the reference gives it
+            go = gout.astype(cp.float32)
+            if reduction == "mean":
+                gw = go * valid * (loss - out.astype(cp.float32)) / coef_scale * (w.sum() > 0)
+            else:
+                gw = go * valid * loss
+            gw = gw.astype(gout.dtype, copy=False)
+        return g.astype(gout.dtype, copy=False), None, gw
 
 
 def cross_entropy(logits, targets, weights=None, ignore_index=-100, reduction="mean"):

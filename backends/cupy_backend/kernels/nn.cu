@@ -119,7 +119,10 @@ extern "C" __global__ void cross_entropy_fwd(const float* __restrict__ logits, c
         float l = m + logf(s);
         lse[blockIdx.x] = l;
         long long t = targets[blockIdx.x];
-        loss[blockIdx.x] = t == ignore_index ? 0.0f : l - row[t];
+        // An out-of-range target gives a NaN loss (the trainer's non-finite guard reports it)
+        // instead of a read outside the row; checking on the host would cost a device sync.
+        float bad = __int_as_float(0x7fffffff);
+        loss[blockIdx.x] = t == ignore_index ? 0.0f : ((t < 0 || t >= V) ? bad : l - row[t]);
     }
 }
 

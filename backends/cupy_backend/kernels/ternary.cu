@@ -13,8 +13,13 @@ __device__ __forceinline__ float round_half_away(float v) {
     return v < 0.0f ? -r : r;
 }
 
+// max that propagates NaN (fmaxf drops it): a token holding NaN/Inf must get a NaN scale.
+__device__ __forceinline__ float nan_max(float a, float b) {
+    return (a != a || b != b) ? __int_as_float(0x7fffffff) : fmaxf(a, b);
+}
+
 __device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    for (int o = 16; o > 0; o >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
 
@@ -35,7 +40,10 @@ extern "C" __global__ void quantize_acts_rows(const float* __restrict__ x, signe
     __shared__ float partial[32];
     const float* row = x + (size_t)blockIdx.x * K;
     float m = 0.0f;
-    for (int k = threadIdx.x; k < K; k += blockDim.x) m = fmaxf(m, fabsf(row[k]));
+    for (int k = threadIdx.x; k < K; k += blockDim.x) {
+        float v = row[k];
+        m = nan_max(m, isfinite(v) ? fabsf(v) : __int_as_float(0x7fffffff));
+    }
     m = warp_max(m);
     if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = m;
     __syncthreads();
@@ -46,11 +54,11 @@ extern "C" __global__ void quantize_acts_rows(const float* __restrict__ x, signe
     }
     __syncthreads();
     float a = partial[0];
-    float scale = a < 1e-8f ? 0.0f : a / 127.0f;
+    float scale = a < 1e-8f ? 0.0f : a / 127.0f;  // NaN stays NaN
     if (threadIdx.x == 0) s[blockIdx.x] = scale;
     signed char* qrow = q + (size_t)blockIdx.x * K;
     for (int k = threadIdx.x; k < K; k += blockDim.x) {
-        float v = scale == 0.0f ? 0.0f : round_half_away(row[k] / scale);
+        float v = (scale == 0.0f || scale != scale) ? 0.0f : round_half_away(row[k] / scale);
         qrow[k] = (signed char)fminf(127.0f, fmaxf(-127.0f, v));
     }
 }
@@ -77,7 +85,7 @@ extern "C" __global__ void quantize_weights_apply(const float* __restrict__ w, c
     if (i >= (size_t)M * K) return;
     size_t r = i / K, k = i % K;
     float sc = s[r * (K / G) + k / G];
-    float v = sc == 0.0f ? 0.0f : round_half_away(w[i] / sc);
+    float v = (sc == 0.0f || sc != sc) ? 0.0f : round_half_away(w[i] / sc);  // NaN scale: q = 0
     q[i] = (signed char)fminf(1.0f, fmaxf(-1.0f, v));
 }
 
