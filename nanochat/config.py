@@ -210,7 +210,7 @@ class OptimConfig:
     galore: bool = _key(False, "GaLore 2: keep the optimizer state of large matrices in a rank-r projected space.")
     galore_rank: int = _key(128, "GaLore projection rank r; at most galore_min_dim.", ge=1)
     galore_update_freq: int = _key(200, "Steps between projector refreshes (randomized SVD of the gradient).", ge=1)
-    galore_scale: float = _key(0.25, "Scale of the update projected back to full size.", gt=0)
+    galore_scale: float = _key(1.0, "Scale of the update projected back to full size (1.0 keeps Muon's learning rate meaning; the GaLore paper's 0.25 was tuned for AdamW).", gt=0)
     galore_min_dim: int = _key(256, "Only matrices with min(rows, cols) >= this are projected.", ge=1)
     galore_inner: str = _key("muon", "Optimizer GaLore wraps: `muon` or `adamw`.", choices=("muon", "adamw"))
     galore_oversample: int = _key(8, "Extra columns of the randomized SVD sketch.", ge=0)
