@@ -33,7 +33,6 @@ TINY = [
     "train.backend=numpy", "train.sample_tokens=0", "train.tensorboard=false", "train.keep_last_k=5",
     "optim.warmup_steps=2",
 ]
-HAS_NUMBA = "numba" in backends.available()
 
 
 def tiny_config(*extra):
@@ -147,7 +146,6 @@ def test_stop_save_and_resume_in_a_new_trainer_is_bit_exact(tmp_path):
     assert ce_one_go == ce_split
 
 
-@pytest.mark.skipif(not HAS_NUMBA, reason="numba backend not available")
 def test_resume_is_bit_exact_on_numba(tmp_path):
     cfg = tiny_config("train.backend=numba", "train.checkpoint_every=2", "optim.muon_8bit=true")
     one_go, _ = _resume_matches_one_go(tmp_path, cfg)
@@ -421,7 +419,6 @@ def test_trainer_rejects_data_shorter_than_one_window(tmp_path):
 # ------------------------------------------------------------------- numpy vs numba
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_NUMBA, reason="numba backend not available")
 def test_numpy_and_numba_loss_curves_agree(tmp_path):
     """20 steps, same seed: per-step training CE within 1e-3 relative.
 
