@@ -455,15 +455,7 @@ class CrossEntropy(Function):
         if weights is not None:
             _check_same_dtype("cross_entropy", logits, weights)
         losses, lse, valid, safe_targets = _per_token(logits, targets, ignore_index)
-        w = valid.astype(logits.dtype) if weights is None else xp.where(valid, weights, 0.0).astype(logits.dtype)
-        weighted = w * losses
-        denom = w.sum()
-        if reduction == "none":
-            out = weighted
-        elif reduction == "sum":
-            out = weighted.sum()
-        else:
-            out = weighted.sum() / denom if float(denom) != 0.0 else xp.zeros((), dtype=logits.dtype)
+        w, denom, out = reduce_token_losses(losses, valid, weights, reduction, logits.dtype)
         ctx.save(logits, lse, safe_targets, valid, w, losses, denom, out, reduction)
         return out
 
@@ -471,23 +463,51 @@ class CrossEntropy(Function):
     def backward(ctx, g):
         logits, lse, safe_targets, valid, w, losses, denom, out, reduction = ctx.saved
         xp = array_module(logits)
-        if reduction == "mean":
-            if float(denom) == 0.0:
-                g_logits = xp.zeros_like(logits) if ctx.needs_input_grad[0] else None
-                g_w = xp.zeros_like(w) if ctx.needs_input_grad[2] else None
-                return g_logits, None, g_w
-            g_rows = xp.broadcast_to(g / denom, w.shape)
-        else:
-            g_rows = xp.broadcast_to(g, w.shape)  # scalar for "sum", [N] for "none"
-        g_logits = g_w = None
+        coef, g_w = token_loss_backward(g, valid, w, losses, denom, out, reduction, ctx.needs_input_grad[2])
+        g_logits = None
         if ctx.needs_input_grad[0]:
-            coef = (g_rows * w).astype(logits.dtype, copy=False)
-            g_logits = xp.exp(logits - lse) * coef[:, None]
-            g_logits[xp.arange(logits.shape[0]), safe_targets] -= coef
-        if ctx.needs_input_grad[2]:  # ignored rows have no weight dependence
-            centred = losses - out if reduction == "mean" else losses
-            g_w = xp.where(valid, g_rows * centred, 0.0).astype(logits.dtype, copy=False)
+            if coef is None:
+                g_logits = xp.zeros_like(logits)
+            else:
+                g_logits = xp.exp(logits - lse) * coef[:, None]
+                g_logits[xp.arange(logits.shape[0]), safe_targets] -= coef
         return g_logits, None, g_w
+
+
+def reduce_token_losses(losses, valid, weights, reduction, dtype):
+    """The weighted reduction of per-token losses shared by every cross-entropy kernel.
+
+    Returns ``(w, denom, out)``: the effective weights (0 on ignored rows), their sum, and the
+    reduced loss as ``CrossEntropy`` defines it.
+    """
+    xp = array_module(losses)
+    w = valid.astype(dtype) if weights is None else xp.where(valid, weights, 0.0).astype(dtype)
+    weighted = w * losses
+    denom = w.sum()
+    if reduction == "none":
+        out = weighted
+    elif reduction == "sum":
+        out = weighted.sum()
+    else:
+        out = weighted.sum() / denom if float(denom) != 0.0 else xp.zeros((), dtype=dtype)
+    return w, denom, out
+
+
+def token_loss_backward(g, valid, w, losses, denom, out, reduction, need_weight_grad):
+    """Per-row coefficients ``c_i`` of the logits gradient and the weights' gradient.
+
+    ``coef`` is None when a ``mean`` has zero total weight (every gradient is then 0).
+    """
+    xp = array_module(w)
+    if reduction == "mean" and float(denom) == 0.0:
+        return None, (xp.zeros_like(w) if need_weight_grad else None)
+    g_rows = xp.broadcast_to(g / denom if reduction == "mean" else g, w.shape)  # scalar or [N]
+    coef = (g_rows * w).astype(w.dtype, copy=False)
+    g_w = None
+    if need_weight_grad:  # ignored rows have no weight dependence
+        centred = losses - out if reduction == "mean" else losses
+        g_w = xp.where(valid, g_rows * centred, 0.0).astype(w.dtype, copy=False)
+    return coef, g_w
 
 
 def cross_entropy(logits, targets, weights=None, ignore_index=-100, reduction="mean"):

@@ -627,38 +627,22 @@ class CrossEntropy(Function):
             _check_same_dtype("cross_entropy", logits, weights)
         logits = np.ascontiguousarray(logits)
         losses, lse, valid, safe_targets = _per_token(logits, targets, ignore_index)
-        w = valid.astype(logits.dtype) if weights is None else np.where(valid, weights, 0.0).astype(logits.dtype)
-        weighted = w * losses
-        denom = w.sum()
-        if reduction == "none":
-            out = weighted
-        elif reduction == "sum":
-            out = weighted.sum()
-        else:
-            out = weighted.sum() / denom if float(denom) != 0.0 else np.zeros((), dtype=logits.dtype)
+        w, denom, out = ref_nn.reduce_token_losses(losses, valid, weights, reduction, logits.dtype)
         ctx.save(logits, lse, safe_targets, valid, w, losses, denom, out, reduction)
         return np.asarray(out)
 
     @staticmethod
     def backward(ctx, g):
         logits, lse, safe_targets, valid, w, losses, denom, out, reduction = ctx.saved
-        if reduction == "mean":
-            if float(denom) == 0.0:
-                g_logits = np.zeros_like(logits) if ctx.needs_input_grad[0] else None
-                g_w = np.zeros_like(w) if ctx.needs_input_grad[2] else None
-                return g_logits, None, g_w
-            g_rows = np.broadcast_to(g / denom, w.shape)
-        else:
-            g_rows = np.broadcast_to(g, w.shape)  # scalar for "sum", [N] for "none"
-        g_logits = g_w = None
+        coef, g_w = ref_nn.token_loss_backward(g, valid, w, losses, denom, out, reduction, ctx.needs_input_grad[2])
+        g_logits = None
         if ctx.needs_input_grad[0]:
-            coef = np.ascontiguousarray(g_rows * w, dtype=np.float32)
-            g_logits = np.empty(logits.shape, np.float32)
-            if logits.size:
-                _ce_backward_rows(logits, safe_targets, lse, coef, g_logits)
-        if ctx.needs_input_grad[2]:  # ignored rows have no weight dependence
-            centred = losses - out if reduction == "mean" else losses
-            g_w = np.where(valid, g_rows * centred, 0.0).astype(logits.dtype, copy=False)
+            if coef is None:
+                g_logits = np.zeros_like(logits)
+            else:
+                g_logits = np.empty(logits.shape, np.float32)
+                if logits.size:
+                    _ce_backward_rows(logits, safe_targets, lse, np.ascontiguousarray(coef, dtype=np.float32), g_logits)
         return g_logits, None, g_w
 
 
