@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from .autograd import Function, Tensor, array_module
+from .nn import _sigmoid, sigmoid
 
 
 def _data(a):
@@ -67,11 +68,6 @@ def _softplus(z):
     return xp.logaddexp(z.dtype.type(0), z)
 
 
-def _sigmoid(z):
-    xp = array_module(z)
-    return xp.exp(-xp.logaddexp(z.dtype.type(0), -z))  # exact in both tails
-
-
 class DeltaNetGates(Function):
     """``g = -exp(A_log) * softplus(a_proj + dt_bias)`` (log of the decay alpha)."""
 
@@ -100,24 +96,9 @@ def deltanet_gates(a_proj, dt_bias, A_log):
     return DeltaNetGates.apply(a_proj, dt_bias, A_log)
 
 
-class DeltaNetBeta(Function):
-    """``beta = sigmoid(b_proj)``."""
-
-    @staticmethod
-    def forward(ctx, b_proj):
-        beta = _sigmoid(b_proj)
-        ctx.save(beta)
-        return beta
-
-    @staticmethod
-    def backward(ctx, gb):
-        (beta,) = ctx.saved
-        return (gb * beta * (1 - beta),)
-
-
 def deltanet_beta(b_proj):
-    """Write strength ``beta = sigmoid(b_proj)`` [B, T, H], differentiable."""
-    return DeltaNetBeta.apply(b_proj)
+    """Write strength ``beta = sigmoid(b_proj)`` [B, T, H], differentiable (``nn.sigmoid``)."""
+    return sigmoid(b_proj)
 
 
 # --- input checks ---------------------------------------------------------------------------
