@@ -9,8 +9,11 @@ from reference.autograd import no_grad
 def sample_next(logits, temperature, top_k, rng):
     """Pick one token id from a logits vector [V] (greedy when temperature is 0).
 
-    ``top_k`` > 0 keeps the k largest logits (ties at the cutoff stay in).
+    ``top_k`` > 0 keeps the k largest logits. The filtering and the draw are the inference
+    engine's (``nanochat.engine.sample_next``); this adds the checks a training run needs.
     """
+    from .engine import SamplingParams, sample_next as engine_sample_next
+
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim != 1 or logits.size == 0:
         raise ValueError(f"sample_next: logits must be a non-empty 1-D vector, got shape {logits.shape}")
@@ -18,15 +21,7 @@ def sample_next(logits, temperature, top_k, rng):
         raise ValueError("sample_next: the logits contain NaN or Inf (the model weights are not finite)")
     if temperature < 0:
         raise ValueError(f"sample_next: temperature must be >= 0, got {temperature}")
-    if temperature == 0:
-        return int(np.argmax(logits))
-    logits = logits / temperature
-    if top_k and 0 < top_k < logits.size:
-        cutoff = np.partition(logits, -top_k)[-top_k]
-        logits = np.where(logits < cutoff, -np.inf, logits)
-    p = np.exp(logits - logits.max())
-    p /= p.sum()
-    return int(rng.choice(p.size, p=p))
+    return engine_sample_next(logits, (), SamplingParams(temperature=temperature, top_k=top_k or 0), rng)
 
 
 def generate(model, prompt_ids, max_tokens, temperature=0.8, top_k=40, rng=None, stop_id=None):
