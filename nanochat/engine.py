@@ -714,20 +714,23 @@ class Engine:
                     out[p] = tuple(_arr(a) for a in self.be.mhc_static_coeffs(*self._mhc_logits(p)))
         return out
 
-    def _mhc_logits(self, p, float64=False):
-        """The five static logit/bias vectors of an mHC unit (float32, or float64 copies)."""
+    def _mhc_logits(self, p):
+        """The five static logit/bias vectors of an mHC unit."""
         names = (RES_NAME[self.cfg.n_streams], "pre_logits", "pre_bias", "post_logits", "post_bias")
-        return tuple(self._f64(p + k) if float64 else self.w[p + k] for k in names)
+        return tuple(self.w[p + k] for k in names)
 
     def _mhc_unit(self, p, streams, fn):
-        """u = h_pre . X, y = F(u), X' = H_res (X + h_post (x) y); dynamic coefficients in float64."""
+        """u = h_pre . X, y = F(u), X' = H_res (X + h_post (x) y).
+
+        The dynamic-coefficient op computes in float64 and rounds once, so prefill, decode and
+        the training forward get identical coefficients."""
         be = self.be
         if self.cfg.mhc_mode == "static":
             h_res, h_pre, h_post = self._static_mhc[p]
         else:
-            coeffs = be.mhc_dynamic_coeffs(streams.astype(F64), self._f64(p + "dyn_weight"), self._f64(p + "dyn_gate"),
-                                           *self._mhc_logits(p, float64=True), eps=self.cfg.norm_eps)
-            h_res, h_pre, h_post = (_arr(a).astype(F32) for a in coeffs)
+            coeffs = be.mhc_dynamic_coeffs(streams, self.w[p + "dyn_weight"], self.w[p + "dyn_gate"],
+                                           *self._mhc_logits(p), eps=self.cfg.norm_eps)
+            h_res, h_pre, h_post = (_arr(a) for a in coeffs)
         u = _arr(be.mhc_pre(streams, h_pre))
         return _arr(be.mhc_post(streams, fn(u), h_res, h_post))
 
