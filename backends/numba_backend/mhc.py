@@ -1,5 +1,5 @@
-"""Fused float32 mHC kernels (``reference.mhc``): applying the stream coefficients and the
-dynamic (mHC-lite) coefficients, forward and backward.
+"""Fused float32 mHC kernels (``reference.mhc``): applying the stream coefficients, forward
+and backward. (``mhc_dynamic_coeffs`` stays on the reference, which computes it in float64.)
 
 Each op keeps the reference's name, signature and semantics; arrays are viewed as
 ``[tokens, n, C]``. Shared coefficients (``[n]``, ``[n, n]``) and per-token ones
@@ -13,12 +13,6 @@ What the kernels save over the reference:
   broadcasts into ``[T, n, C]`` temporaries and runs ``T`` tiny matmuls. ``mhc_post`` keeps
   ``X`` and ``y`` for the backward instead of a new ``Z = X + h_post y`` (recomputed per token
   there), and its backward forms every gradient in one pass.
-- ``mhc_dynamic_coeffs``: the normalised input ``flatten(X) * rstd`` is never stored: the
-  projection is ``rstd * (flatten(X) @ W^T)``, and the backward folds ``rstd`` into the two
-  products (``dW = (gate rstd dlogits)^T @ flatten(X)``, ``rstd dnormed = (gate rstd dlogits) @ W``),
-  after which RMSNorm's input gradient is one fused pass. The three products stay in BLAS; the
-  coefficient math (sigmoid, softmax over the permutations, ``H_res``) and its backward run
-  per token in one small kernel each.
 - Sums over ``C`` (and over tokens, for shared coefficients) accumulate in float64.
 """
 from __future__ import annotations
@@ -30,15 +24,10 @@ from numba import njit, prange
 from reference import mhc as ref
 from reference.autograd import Function, Tensor
 
-from .nn import _sigmoid, exp_nonpos
-
 _F32 = np.dtype(np.float32)
 
 # Below this many stream elements (T * n * C) a kernel runs as one task.
 PARALLEL_MIN_ELEMENTS = 1 << 16
-
-# Row k: the column that permutation k puts in each row (``P_k[i, perm[k, i]] = 1``).
-_PERMS = {2: np.array([[0, 1], [1, 0]], np.int64), 4: np.array(ref.PERMUTATIONS_4, np.int64)}
 
 
 def _arr(a):
@@ -73,15 +62,6 @@ def _dot(a, b):
     s = 0.0
     for i in range(a.shape[0]):
         s += np.float64(a[i]) * np.float64(b[i])
-    return s
-
-
-@njit(cache=True, fastmath={"reassoc"}, error_model="numpy")
-def _sumsq(a):
-    s = 0.0
-    for i in range(a.shape[0]):
-        v = np.float64(a[i])
-        s += v * v
     return s
 
 
@@ -316,198 +296,9 @@ def mhc_post(x, y, h_res, h_post):
     return MhcPost.apply(x, y, h_res, h_post)
 
 
-# --- mhc_dynamic_coeffs --------------------------------------------------------------------
-
-
-@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
-def _rstd_rows(flat, eps, rstd, n_tasks):
-    t_len, width = flat.shape
-    for task in prange(n_tasks):
-        for t in range(task * t_len // n_tasks, (task + 1) * t_len // n_tasks):
-            rstd[t] = np.float32(1.0) / np.float32(np.sqrt(_sumsq(flat[t]) / width + eps))
-
-
-# The per-token coefficient math is a few hundred flops per token: one thread does it in a
-# fraction of the products' time, so these two kernels are serial.
-@njit(cache=True, fastmath=False, error_model="numpy")
-def _coeffs_forward(raw, rstd, base, gate, perms, n, proj, weights, s_pre, s_post, h_res, h_pre, h_post):
-    """Per token: proj = rstd * raw; logits = base + gate * proj; then the coefficient math of
-    ``reference.mhc._coeffs_forward`` (weights: sigmoid pair for n = 2, softmax over 24 for n = 4)."""
-    t_len, n_out = raw.shape
-    r = n_out - 2 * n
-    n_perm = perms.shape[0]
-    one = np.float32(1.0)
-    logits = np.empty(n_out, np.float32)
-    for t in range(t_len):
-        rs = rstd[t]
-        for k in range(n_out):
-            p = raw[t, k] * rs
-            proj[t, k] = p
-            logits[k] = base[k] + gate * p
-        w = weights[t]
-        if n == 2:
-            a = _sigmoid(logits[0])
-            w[0] = a
-            w[1] = one - a
-        else:
-            m = logits[0]
-            for k in range(1, r):
-                m = logits[k] if logits[k] > m else m
-            total = np.float32(0.0)
-            for k in range(r):
-                e = exp_nonpos(logits[k] - m)
-                w[k] = e
-                total += e
-            for k in range(r):
-                w[k] = w[k] / total
-        hr = h_res[t]
-        hr[:, :] = 0.0
-        for k in range(n_perm):
-            for i in range(n):
-                hr[i, perms[k, i]] += w[k]
-        for s in range(n):
-            sp = _sigmoid(logits[r + s])
-            sq = _sigmoid(logits[r + n + s])
-            s_pre[t, s] = sp
-            s_post[t, s] = sq
-            h_pre[t, s] = sp
-            h_post[t, s] = np.float32(n) * sq
-
-
-@njit(cache=True, fastmath=False, error_model="numpy")
-def _coeffs_backward(g_res, g_pre, g_post, weights, s_pre, s_post, perms, proj, rstd, gate, d_scaled, d_base):
-    """Per token: the logit gradient (``reference.mhc._coeffs_backward``) into ``d_scaled``
-    already multiplied by ``gate * rstd`` (what dW needs), its float64 sum over tokens into
-    ``d_base``; returns the float64 sum of ``d_logits * proj`` (the gate's gradient)."""
-    t_len, n = g_pre.shape
-    n_perm = perms.shape[0]
-    n_out = d_scaled.shape[1]
-    r = n_out - 2 * n
-    one = np.float32(1.0)
-    g_w = np.empty(n_perm, np.float32)
-    dl = np.empty(n_out, np.float32)
-    d_gate = 0.0
-    for t in range(t_len):
-        gr = g_res[t]
-        for k in range(n_perm):
-            acc = np.float32(0.0)
-            for i in range(n):
-                acc += gr[i, perms[k, i]]
-            g_w[k] = acc
-        w = weights[t]
-        if n == 2:
-            a = w[0]
-            dl[0] = (g_w[0] - g_w[1]) * (a * (one - a))
-        else:
-            dot = np.float32(0.0)
-            for k in range(r):
-                dot += w[k] * g_w[k]
-            for k in range(r):
-                dl[k] = w[k] * (g_w[k] - dot)
-        for s in range(n):
-            sp = s_pre[t, s]
-            sq = s_post[t, s]
-            dl[r + s] = g_pre[t, s] * sp * (one - sp)
-            dl[r + n + s] = g_post[t, s] * (np.float32(n) * sq * (one - sq))
-        scale = gate * rstd[t]
-        for k in range(n_out):
-            d_base[k] += dl[k]
-            d_gate += np.float64(dl[k]) * proj[t, k]
-            d_scaled[t, k] = scale * dl[k]
-    return d_gate
-
-
-@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
-def _rmsnorm_input_grad(flat, rstd, d, n_tasks):
-    """RMSNorm's input gradient, in place on ``d = rstd * d_normed`` (rows scaled by rstd):
-    ``rstd (d_normed - xhat mean(d_normed xhat))`` with ``xhat = rstd flat`` is
-    ``d - flat * rstd^2 <d, flat> / width``."""
-    t_len, width = flat.shape
-    for task in prange(n_tasks):
-        for t in range(task * t_len // n_tasks, (task + 1) * t_len // n_tasks):
-            rs = np.float64(rstd[t])
-            k = np.float32(rs * rs * _dot(d[t], flat[t]) / width)
-            dr = d[t]
-            xr = flat[t]
-            for c in range(width):
-                dr[c] = dr[c] - xr[c] * k
-
-
-class MhcDynamicCoeffs(Function):
-    """``reference.mhc.MhcDynamicCoeffs`` (float32): BLAS products, fused per-token math."""
-
-    @staticmethod
-    def forward(ctx, x, dyn_weight, dyn_gate, res_logits, pre_logits, pre_bias, post_logits, post_bias, eps=1e-6):
-        base_pre, base_post = pre_logits + pre_bias, post_logits + post_bias
-        n = ref._check_coeff_shapes("mhc_dynamic_coeffs", res_logits, base_pre, base_post)
-        if base_pre.ndim != 1:
-            raise ValueError(
-                f"mhc_dynamic_coeffs: the static logits must be 1-D, got pre_logits shape {base_pre.shape}"
-            )
-        if x.ndim < 2 or x.shape[-2] != n:
-            raise ValueError(f"mhc_dynamic_coeffs: X has shape {x.shape}, expected [..., {n}, C]")
-        n_in, n_out = n * x.shape[-1], ref.n_logits(n)
-        if dyn_weight.shape != (n_out, n_in):
-            raise ValueError(f"mhc_dynamic_coeffs: dyn_weight has shape {dyn_weight.shape}, expected {(n_out, n_in)}")
-        if dyn_gate.size != 1:
-            raise ValueError(f"mhc_dynamic_coeffs: dyn_gate must hold one value, got shape {dyn_gate.shape}")
-        lead = x.shape[:-2]
-        flat = np.ascontiguousarray(x).reshape(-1, n_in)
-        t_len = flat.shape[0]
-        weight = np.ascontiguousarray(dyn_weight)
-        n_tasks = _tasks(t_len, flat.size)
-        rstd = np.empty(t_len, np.float32)
-        _rstd_rows(flat, np.float64(eps), rstd, n_tasks)
-        raw = flat @ weight.T  # the projection of the unnormalised input; rstd is applied per token
-        base = np.concatenate([res_logits, base_pre, base_post]).astype(np.float32)
-        gate = np.float32(dyn_gate.reshape(()))
-        r = ref.RES_SIZE[n]
-        proj = np.empty((t_len, n_out), np.float32)
-        weights = np.empty((t_len, 2 if n == 2 else r), np.float32)
-        s_pre, s_post = np.empty((t_len, n), np.float32), np.empty((t_len, n), np.float32)
-        h_res = np.empty((t_len, n, n), np.float32)
-        h_pre, h_post = np.empty((t_len, n), np.float32), np.empty((t_len, n), np.float32)
-        _coeffs_forward(raw, rstd, base, gate, _PERMS[n], n, proj, weights, s_pre, s_post, h_res, h_pre, h_post)
-        ctx.save(n, flat, rstd, proj, weights, s_pre, s_post, weight, dyn_gate.shape, gate, x.shape)
-        return h_res.reshape(lead + (n, n)), h_pre.reshape(lead + (n,)), h_post.reshape(lead + (n,))
-
-    @staticmethod
-    def backward(ctx, g_res, g_pre, g_post):
-        n, flat, rstd, proj, weights, s_pre, s_post, weight, gate_shape, gate, x_shape = ctx.saved
-        needs = ctx.needs_input_grad
-        t_len, n_out = proj.shape
-        g_res = np.ascontiguousarray(g_res, dtype=np.float32).reshape(t_len, n, n)
-        g_pre = np.ascontiguousarray(g_pre, dtype=np.float32).reshape(t_len, n)
-        g_post = np.ascontiguousarray(g_post, dtype=np.float32).reshape(t_len, n)
-        d_scaled = np.empty((t_len, n_out), np.float32)  # gate * rstd * d_logits
-        d_base64 = np.zeros(n_out, np.float64)
-        d_gate64 = _coeffs_backward(g_res, g_pre, g_post, weights, s_pre, s_post, _PERMS[n], proj, rstd, gate,
-                                    d_scaled, d_base64)
-        d_base = d_base64.astype(np.float32)
-        r = ref.RES_SIZE[n]
-        d_base_res, d_base_pre, d_base_post = d_base[:r], d_base[r:r + n], d_base[r + n:]
-        d_gate = np.full(gate_shape, d_gate64, np.float32) if needs[2] else None
-        d_weight = d_scaled.T @ flat if needs[1] else None  # = (gate d_logits)^T @ (rstd flat)
-        d_x = None
-        if needs[0]:
-            d = d_scaled @ weight  # rstd * d_normed, d_normed = (gate d_logits) @ W
-            _rmsnorm_input_grad(flat, rstd, d, _tasks(t_len, flat.size))
-            d_x = d.reshape(x_shape)
-        return d_x, d_weight, d_gate, d_base_res, d_base_pre, d_base_pre, d_base_post, d_base_post
-
-
-def mhc_dynamic_coeffs(x, dyn_weight, dyn_gate, res_logits, pre_logits, pre_bias, post_logits, post_bias, eps=1e-6):
-    """``reference.mhc.mhc_dynamic_coeffs`` (same arguments and results), fused for float32."""
-    args = (x, dyn_weight, dyn_gate, res_logits, pre_logits, pre_bias, post_logits, post_bias)
-    xd = _arr(x)
-    if not _all_f32(*args) or xd.ndim < 2 or xd.size == 0:
-        return ref.mhc_dynamic_coeffs(*args, eps=eps)
-    return MhcDynamicCoeffs.apply(*args, eps=eps)
-
-
 # mhc_dynamic_coeffs is not overridden: the reference computes it in float64 so that the
 # training forward and the inference engine (prefill and decode) get identical float32
-# coefficients; the float32 kernel above stays available for benchmarks and experiments.
+# coefficients.
 OPS = {
     "mhc_pre": mhc_pre,
     "mhc_post": mhc_post,
