@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 import backends
+import cuda_emulator
 import reference
 from reference import mhc as ref_mhc
 from reference import optim as ref_optim
@@ -36,12 +37,19 @@ from reference.ternary import RowSelection
 
 pytestmark = pytest.mark.triangle
 
-BACKENDS = ["numba", "cupy"]
+# "cupy-emulated" is the cupy backend with its kernels compiled for the CPU (cuda_emulator.py),
+# so the kernels' logic is checked on machines without a GPU.
+BACKENDS = ["numba", "cupy", "cupy-emulated"]
 TOL = 1e-5
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
+    if request.param == "cupy-emulated":
+        reason = cuda_emulator.unavailable_reason()
+        if reason is not None:
+            pytest.skip(f"the CUDA emulator cannot run here: {reason}")
+        return cuda_emulator.emulated_cupy_backend()
     reason = backends.unavailable_reason(request.param)
     if reason is not None:
         pytest.skip(f"backend {request.param!r} is not available here: {reason}")

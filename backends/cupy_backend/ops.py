@@ -36,10 +36,14 @@ def _f32(a):
     return cp.ascontiguousarray(a, dtype=cp.float32)
 
 
+def device_pointer(a):
+    return a.data.ptr
+
+
 def _aligned(a, dtype, alignment=16):
     """Contiguous copy of ``a`` whose device pointer is ``alignment``-byte aligned."""
     a = cp.ascontiguousarray(a, dtype=dtype)
-    return a if a.data.ptr % alignment == 0 else a.copy()
+    return a if device_pointer(a) % alignment == 0 else a.copy()
 
 
 # ----------------------------------------------------------------------------- quantizers
