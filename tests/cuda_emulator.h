@@ -184,7 +184,7 @@ inline T exchange(T v, int src_lane, bool valid) {
 #define __restrict__ __restrict
 #define __shared__ static
 #define __launch_bounds__(...)
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))
 
 inline void __syncthreads() { emu::wait(emu::AT_BLOCK_BARRIER); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::warp_sync(); }

@@ -206,6 +206,11 @@ def _check_ternary_linear(be, rng):
         ((2, 3, 12), 5, 12, None),  # K = G: one group
         ((1, 20), 3, 5, None),  # one row, odd sizes
         ((33, 96), 17, 32, None),
+        ((70, 192), 130, 32, None),  # past one dp4a tile in both directions (cupy: 64 x 64)
+        ((70, 192), 130, 64, None),
+        ((3, 50, 256), 131, 128, None),  # tensor-core tiles (cupy: 128 x 128) with both tails
+        ((17, 128), 9, 64, None),  # the fewest tokens the cupy tensor-core path takes
+        ((16, 128), 9, 64, None),  # one token fewer: the dp4a path
         ((9, 8), 4, 2, np.array([0, 3, 8])),
         ((9, 8), 4, 8, np.array([], dtype=np.int64)),
         ((0, 8), 3, 4, None),

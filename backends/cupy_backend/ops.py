@@ -120,18 +120,31 @@ def _grouped_gemm_fallback(xq, xs, wq, ws, group_size):
     return (cp.asarray(xs, dtype=cp.float64)[:, None] * acc).astype(cp.float32)
 
 
+# Fewer tokens than this leave most of a 128-token tensor-core tile idle: use dp4a instead.
+MMA_MIN_TOKENS = 17
+
+
+def gemm_kernel_for(n, group_size):
+    """Which int8 GEMM runs for ``n`` tokens: "mma" (tensor cores, G % 64 == 0), "dp4a"
+    (G % 32 == 0) or "float64" (cuBLAS, one GEMM per group, any G)."""
+    if group_size % 64 == 0 and n >= MMA_MIN_TOKENS:
+        return "mma"
+    return "dp4a" if group_size % 32 == 0 else "float64"
+
+
 def _int8_gemm(xq, xs, wq, ws, group_size):
-    """y[n, m] = xs[n] * sum_g ws[m, g] * intsum over group g (dp4a kernel)."""
+    """y[n, m] = xs[n] * sum_g ws[m, g] * intsum over group g (exact integer sums)."""
     n, k = xq.shape
     m = wq.shape[0]
-    if group_size % 32:
+    kernel = gemm_kernel_for(n, group_size)
+    if kernel == "float64":
         return _grouped_gemm_fallback(xq, xs, wq, ws, group_size)
     y = cp.empty((n, m), dtype=cp.float32)
     if n == 0 or m == 0:
         return y
-    grid = ((m + 63) // 64, (n + 63) // 64)
-    _kernel("ternary.cu", "ternary_gemm_dp4a")(
-        grid, (256,),
+    tile = 128 if kernel == "mma" else 64
+    _kernel("ternary.cu", f"ternary_gemm_{kernel}")(
+        ((m + tile - 1) // tile, (n + tile - 1) // tile), (256,),
         (_aligned(xq, cp.int8), _f32(xs), _aligned(wq, cp.int8), _f32(ws), y,
          cp.int32(n), cp.int32(m), cp.int32(k), cp.int32(group_size)),
     )

@@ -219,3 +219,157 @@ extern "C" __global__ void ternary_gemv_packed(const unsigned char* __restrict__
         if (lane == 0) y[m] = f * xs[0];
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Tensor-core int8 x ternary GEMM (sm_80+): mma.sync m16n8k32 s8 x s8 -> s32, exact integer
+// sums per group, the group's weight scale applied when the group's last K-tile is done.
+// Block tile: 128 tokens x 128 weight rows x 64 bytes of K, two shared-memory stages filled
+// with cp.async while the previous stage is multiplied. 8 warps as 2 (tokens) x 4 (weight
+// rows), each warp a 64 x 32 tile = 4 x 4 mma tiles. Needs K % 64 == 0, G % 64 == 0 and
+// 16-byte aligned operands. Rows are padded to 80 bytes so the fragment loads of a warp
+// (8 rows x 4 words) hit 32 different banks.
+#define TC_BN 128
+#define TC_BM 128
+#define TC_BK 64
+#define TC_LD (TC_BK + 16)
+
+__device__ __forceinline__ void cp_async_16(void* shared_dst, const void* global_src, int src_bytes) {
+#ifdef CUDA_EMULATOR
+    emu_cp_async_16(shared_dst, global_src, src_bytes);
+#else
+    unsigned dst = (unsigned)__cvta_generic_to_shared(shared_dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(global_src), "r"(src_bytes));
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#ifndef CUDA_EMULATOR
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+template <int pending>
+__device__ __forceinline__ void cp_async_wait() {
+#ifndef CUDA_EMULATOR
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(pending));
+#endif
+}
+
+// d += a (16 x 32, row-major fragment) x b (32 x 8, column-major fragment), int32.
+__device__ __forceinline__ void mma_s8_16832(int (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+#ifdef CUDA_EMULATOR
+    emu_mma_m16n8k32_s8(d, a, b, d);
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// Copy one K-tile of `rows` rows (64 bytes each) into a padded shared stage; rows past
+// `limit` are zero-filled (src-size 0 reads nothing).
+__device__ __forceinline__ void tc_load_tile(signed char* stage, const signed char* src, int row0, int limit,
+                                             int K, int k0) {
+#pragma unroll
+    for (int i = 0; i < (TC_BN * TC_BK / 16) / 256; ++i) {
+        int chunk = threadIdx.x + 256 * i;
+        int r = chunk >> 2, c = chunk & 3;
+        bool ok = row0 + r < limit;
+        const signed char* p = ok ? src + (size_t)(row0 + r) * K + k0 + 16 * c : src;
+        cp_async_16(stage + r * TC_LD + 16 * c, p, ok ? 16 : 0);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) ternary_gemm_mma(
+        const signed char* __restrict__ xq, const float* __restrict__ xs,
+        const signed char* __restrict__ wq, const float* __restrict__ ws,
+        float* __restrict__ y, int N, int M, int K, int G) {
+    __shared__ __align__(16) signed char sx[2][TC_BN * TC_LD];
+    __shared__ __align__(16) signed char sw[2][TC_BM * TC_LD];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int warp_n = warp >> 2, warp_m = warp & 3;  // 2 x 4 warps
+    const int n0 = blockIdx.y * TC_BN, m0 = blockIdx.x * TC_BM;
+    const int groups = K / G, tiles = K / TC_BK;
+
+    int acc[4][4][4];
+    float out[4][4][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) { acc[i][j][r] = 0; out[i][j][r] = 0.0f; }
+
+    tc_load_tile(sx[0], xq, n0, N, K, 0);
+    tc_load_tile(sw[0], wq, m0, M, K, 0);
+    cp_async_commit();
+    for (int kt = 0; kt < tiles; ++kt) {
+        const int st = kt & 1;
+        if (kt + 1 < tiles) {  // prefetch the next tile into the other stage
+            tc_load_tile(sx[st ^ 1], xq, n0, N, K, (kt + 1) * TC_BK);
+            tc_load_tile(sw[st ^ 1], wq, m0, M, K, (kt + 1) * TC_BK);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+#pragma unroll
+        for (int ks = 0; ks < TC_BK; ks += 32) {
+            unsigned a[4][4], b[4][2];
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const signed char* base = sx[st] + (warp_n * 64 + i * 16 + g) * TC_LD + ks + 4 * t;
+                a[i][0] = *reinterpret_cast<const unsigned*>(base);
+                a[i][1] = *reinterpret_cast<const unsigned*>(base + 8 * TC_LD);
+                a[i][2] = *reinterpret_cast<const unsigned*>(base + 16);
+                a[i][3] = *reinterpret_cast<const unsigned*>(base + 8 * TC_LD + 16);
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const signed char* base = sw[st] + (warp_m * 32 + j * 8 + g) * TC_LD + ks + 4 * t;
+                b[j][0] = *reinterpret_cast<const unsigned*>(base);
+                b[j][1] = *reinterpret_cast<const unsigned*>(base + 16);
+            }
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int j = 0; j < 4; ++j) mma_s8_16832(acc[i][j], a[i], b[j]);
+        }
+        __syncthreads();  // everyone is done with this stage before it is refilled
+        if (((kt + 1) * TC_BK) % G == 0) {  // a group ends here: fold in its weight scales
+            const int gi = (kt + 1) * TC_BK / G - 1;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int m = m0 + warp_m * 32 + j * 8 + 2 * t;
+                const float s0 = m < M ? ws[(size_t)m * groups + gi] : 0.0f;
+                const float s1 = m + 1 < M ? ws[(size_t)(m + 1) * groups + gi] : 0.0f;
+#pragma unroll
+                for (int i = 0; i < 4; ++i) {
+                    out[i][j][0] += s0 * (float)acc[i][j][0];
+                    out[i][j][1] += s1 * (float)acc[i][j][1];
+                    out[i][j][2] += s0 * (float)acc[i][j][2];
+                    out[i][j][3] += s1 * (float)acc[i][j][3];
+                    acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0;
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int n = n0 + warp_n * 64 + i * 16 + g + 8 * half;
+            if (n >= N) continue;
+            const float sn = xs[n];
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int m = m0 + warp_m * 32 + j * 8 + 2 * t;
+                if (m < M) y[(size_t)n * M + m] = sn * out[i][j][2 * half];
+                if (m + 1 < M) y[(size_t)n * M + m + 1] = sn * out[i][j][2 * half + 1];
+            }
+        }
+    }
+}
