@@ -128,7 +128,7 @@ def fake_cupy():
     mod.RawModule = RawModule
     mod.asnumpy = np.asarray
     mod.get_array_module = lambda *arrays: np
-    device = types.SimpleNamespace(synchronize=lambda: None)
+    device = types.SimpleNamespace(synchronize=lambda: None, attributes={"MultiProcessorCount": 2})
     mod.cuda = types.SimpleNamespace(Device=lambda *a: device,
                                      runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
     pool = types.SimpleNamespace(total_bytes=lambda: 0, used_bytes=lambda: 0, free_all_blocks=lambda: None)

@@ -227,23 +227,40 @@ def prepare_packed(packed, scales, group_size):
     return PackedTernaryGPU(cp.asarray(packed), cp.asarray(scales), group_size)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count():
+    return int(cp.cuda.Device().attributes["MultiProcessorCount"])
+
+
+def gemv_lanes_per_row(k):
+    """Lanes that share one row in the GEMV: a power of two, one 64-trit chunk each, <= 32."""
+    lanes = 1
+    while lanes < min(k // 64, 32):
+        lanes *= 2
+    return lanes
+
+
 def packed_gemv(handle, xq, xs):
     m, k = handle.shape
     if xq.shape != (k,):
         raise ValueError(f"packed_gemv: activations have shape {xq.shape}, expected ({k},)")
-    if handle.group_size % 64 or m == 0:
-        # The kernel reads 64 trits per 16-byte load and scales each load by one group.
+    if handle.group_size % 64 or m == 0 or k > 48 * 1024:
+        # The kernel reads 64 trits per 16-byte load and scales each load by one group, and
+        # keeps the activations in (at most 48 KB of) shared memory.
         return packed_gemm(handle, xq.reshape(1, k), cp.asarray(xs, dtype=cp.float32).reshape(1))[0]
     xs_dev = cp.asarray(xs, dtype=cp.float32).reshape(1)
     y = cp.empty((m,), dtype=cp.float32)
+    lanes = gemv_lanes_per_row(k)
     warps = 8
-    blocks = min(max(1, (m + warps - 1) // warps), 4096)
-    shared = (k // 4 + 256) * 4
+    rows_per_block = warps * (32 // lanes)
+    # A few blocks per SM, each looping over many rows, so the activations are staged in
+    # shared memory a few hundred times rather than once per 8 rows.
+    blocks = min(max(1, (m + rows_per_block - 1) // rows_per_block), 4 * _sm_count())
     _kernel("ternary.cu", "ternary_gemv_packed")(
         (blocks,), (32 * warps,),
         (handle.packed, handle.scales, _aligned(xq, cp.int8), xs_dev, y,
-         cp.int32(m), cp.int32(k), cp.int32(handle.group_size)),
-        shared_mem=shared,
+         cp.int32(m), cp.int32(k), cp.int32(handle.group_size), cp.int32(lanes)),
+        shared_mem=k,  # the activations, regrouped by bit plane
     )
     return y
 

@@ -180,43 +180,62 @@ extern "C" __global__ void __launch_bounds__(256) ternary_gemm_dp4a(
 }
 
 // Packed GEMV for decode: y[m] = xs[0] * sum_g ws[m, g] * sum_{k in g} xq[k] * trit(m, k).
-// One warp per row, 16-byte coalesced loads of the packed row (64 trits), a 256-entry table
-// turning a packed byte into four int8 trits for dp4a, activations in shared memory.
+// Each lane reads 16 packed bytes (64 trits) per step with one coalesced 16-byte load.
+// Decoding without a table: in a packed word (16 trits) L = the low bit of every code and
+// N = codes 11; for bit plane p (the trits at columns 4j + p), (L >> 2p) & 0x01010101 holds
+// one 0/1 byte per trit, so sum x * trit = dp4a(x_p, L_p) - 2 dp4a(x_p, N_p) with x_p the
+// activations regrouped per plane in shared memory (invalid code 10 counts as 0, like the
+// reference). A row of S = K / 64 chunks (rounded up to a power of two, at most 32) takes
+// S lanes, so a warp works on 32 / S rows at once when K is small.
 // Needs K % 64 == 0 (true since G in {64, 128, 256} divides K) and 16-byte aligned rows.
 extern "C" __global__ void ternary_gemv_packed(const unsigned char* __restrict__ packed,
                                                const float* __restrict__ ws,
                                                const signed char* __restrict__ xq,
                                                const float* __restrict__ xs,
-                                               float* __restrict__ y, int M, int K, int G) {
-    extern __shared__ int smem[];
-    int* sx = smem;            // K / 4 words: four int8 activations each
-    int* lut = smem + K / 4;   // 256 words: byte -> four int8 trits
-    for (int i = threadIdx.x; i < K / 4; i += blockDim.x) sx[i] = reinterpret_cast<const int*>(xq)[i];
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
-        unsigned int word = 0;
-        for (int t = 0; t < 4; ++t) word |= ((unsigned int)(decode_trit((i >> (2 * t)) & 3) & 0xff)) << (8 * t);
-        lut[i] = (int)word;
+                                               float* __restrict__ y, int M, int K, int G, int lanes_per_row) {
+    extern __shared__ uint4 xplanes[];  // K / 16 entries: planes 0..3 of 16 activations
+    const int words = K / 16;
+    for (int w = threadIdx.x; w < words; w += blockDim.x) {
+        const unsigned* src = reinterpret_cast<const unsigned*>(xq) + 4 * w;  // 16 activations
+        unsigned a0 = src[0], a1 = src[1], a2 = src[2], a3 = src[3];
+        unsigned p[4];
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {  // plane b gathers byte b of each of the four words
+            p[b] = ((a0 >> (8 * b)) & 0xffu) | (((a1 >> (8 * b)) & 0xffu) << 8) |
+                   (((a2 >> (8 * b)) & 0xffu) << 16) | (((a3 >> (8 * b)) & 0xffu) << 24);
+        }
+        xplanes[w] = make_uint4(p[0], p[1], p[2], p[3]);
     }
     __syncthreads();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const int rows_per_warp = 32 / lanes_per_row, sub = lane / lanes_per_row, part = lane % lanes_per_row;
     const int row_bytes = K / 4, chunks = row_bytes / 16, groups = K / G;
-    for (int m = blockIdx.x * warps + warp; m < M; m += gridDim.x * warps) {
-        const uint4* rowp = reinterpret_cast<const uint4*>(packed + (size_t)m * row_bytes);
+    const int row_step = gridDim.x * warps * rows_per_warp;
+    for (int m0 = (blockIdx.x * warps + warp) * rows_per_warp; m0 < M; m0 += row_step) {
+        const int m = m0 + sub;
         float f = 0.0f;
-        for (int c = lane; c < chunks; c += 32) {
-            uint4 v = rowp[c];
-            unsigned int words[4] = {v.x, v.y, v.z, v.w};
-            int acc = 0;
-            const int base = c * 16;  // one packed byte covers one activation word
+        if (m < M) {
+            const uint4* rowp = reinterpret_cast<const uint4*>(packed + (size_t)m * row_bytes);
+            for (int c = part; c < chunks; c += lanes_per_row) {
+                uint4 v = rowp[c];
+                unsigned wd[4] = {v.x, v.y, v.z, v.w};
+                int pos = 0, neg = 0;
 #pragma unroll
-            for (int q = 0; q < 4; ++q)
+                for (int q = 0; q < 4; ++q) {
+                    const uint4 xp = xplanes[4 * c + q];
+                    const unsigned low = wd[q] & 0x55555555u, both = low & (wd[q] >> 1);
+                    const unsigned planes[4] = {xp.x, xp.y, xp.z, xp.w};
 #pragma unroll
-                for (int b = 0; b < 4; ++b)
-                    acc = __dp4a(lut[(words[q] >> (8 * b)) & 0xffu], sx[base + 4 * q + b], acc);
-            f += ws[(size_t)m * groups + (c * 64) / G] * (float)acc;
+                    for (int b = 0; b < 4; ++b) {
+                        pos = __dp4a((int)planes[b], (int)((low >> (2 * b)) & 0x01010101u), pos);
+                        neg = __dp4a((int)planes[b], (int)((both >> (2 * b)) & 0x01010101u), neg);
+                    }
+                }
+                f += ws[(size_t)m * groups + (c * 64) / G] * (float)(pos - 2 * neg);
+            }
         }
-        f = warp_sum(f);
-        if (lane == 0) y[m] = f * xs[0];
+        for (int o = lanes_per_row / 2; o > 0; o >>= 1) f += __shfl_xor_sync(0xffffffffu, f, o);
+        if (part == 0 && m < M) y[m] = f * xs[0];
     }
 }
 
