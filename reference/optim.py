@@ -278,13 +278,15 @@ def galore_project_back(low, P, side):
 
 
 def global_grad_norm(grads):
-    """L2 norm over all arrays in ``grads`` (``None`` entries skipped), accumulated in float64."""
-    total = 0.0
-    for g in grads:
-        if g is not None:
-            xp = array_module(g)
-            total += float(xp.sum(g * g, dtype=np.float64))
-    return math.sqrt(total)
+    """L2 norm over all arrays in ``grads`` (``None`` entries skipped), accumulated in float64.
+
+    The per-array sums stay on the arrays' device; only the total is read back (one device
+    sync per call rather than one per parameter)."""
+    sums = [array_module(g).sum(g * g, dtype=np.float64) for g in grads if g is not None]
+    if not sums:
+        return 0.0
+    xp = array_module(sums[0])
+    return math.sqrt(float(xp.stack(sums).sum()))
 
 
 def clip_by_global_norm(grads, max_norm):
