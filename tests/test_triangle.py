@@ -343,6 +343,10 @@ def _check_rope(be, rng):
     compare(be, "rope", [rng.standard_normal((2, 5, 3, 8)), rng.integers(0, 4096, (2, 5))], label=" [B, T] positions")
     compare(be, "rope", [rng.standard_normal((7, 1, 2)), np.arange(3, 10)], options={"theta": 500.0}, label=" [T, H, 2]")
     compare(be, "rope", [rng.standard_normal((1, 1, 4, 64)), np.array([12345])], label=" one position")
+    # More (head, pair) lanes than a 256-thread block, positions up to 2^20 (angles of ~1e6 rad
+    # need more than float32 to reduce), and hd/2 > 256 pairs in one row's table.
+    compare(be, "rope", [rng.standard_normal((2, 3, 9, 64)), rng.integers(0, 1 << 20, (2, 3))], label=" large positions")
+    compare(be, "rope", [rng.standard_normal((2, 1, 600)), np.array([7, 999_999])], label=" hd 600")
 
 
 @check("softmax")
@@ -354,6 +358,16 @@ def _check_softmax(be, rng):
     x[1] = 80.0  # all equal
     compare(be, "softmax", [x], label=" masked")
     compare(be, "softmax", [rng.standard_normal((4, 5))], options={"axis": 0}, label=" axis 0")
+    compare(be, "softmax", [rng.standard_normal((2, 6, 3))], options={"axis": 1}, label=" axis 1 of 3")
+    # Rows longer than a block, with a masked prefix longer than a block (threads that see only
+    # -inf), a NaN row and an all-masked row (both NaN in the reference).
+    x = rng.standard_normal((5, 1000)) * 10
+    x[0, :600] = -np.inf
+    x[1, 3] = np.nan  # the first entry its thread sees
+    x[2] = -np.inf
+    x[3, 999] = 200.0
+    with np.errstate(invalid="ignore"):  # the reference's exp(-inf - -inf) on the masked row
+        compare(be, "softmax", [x], label=" long rows")
 
 
 @check("attention")

@@ -10,8 +10,11 @@ import functools
 import math
 
 import cupy as cp
+import numpy as np
 
-from reference.autograd import Function
+from reference import nn as ref_nn
+from reference import optim as ref_optim
+from reference.autograd import Function, Tensor
 from reference.ternary import RowSelection, resolve_keep
 
 from .compile import kernel_source, nvrtc_options
@@ -394,6 +397,127 @@ def cross_entropy(logits, targets, weights=None, ignore_index=-100, reduction="m
     return CrossEntropy.apply(logits, targets, weights, ignore_index=ignore_index, reduction=reduction)
 
 
+# The ops below take float32 inputs; any other dtype (float64 gradient checks, for instance)
+# runs on the reference, which also raises the errors for invalid arguments, so messages read
+# the same on every backend.
+def _data(a):
+    return a.data if isinstance(a, Tensor) else a
+
+
+def _all_f32(*arrays):
+    return all(getattr(_data(a), "dtype", None) == cp.float32 for a in arrays)
+
+
+def _row_threads(width):
+    """Threads for a one-block-per-row kernel: enough warps to cover the row, at most 256."""
+    return (min(_THREADS, max(32, (int(width) + 31) // 32 * 32)),)
+
+
+class RoPE(Function):
+    """``reference.nn.RoPE`` (NeoX half-split): the angles are formed on the device per row
+    (see ``rope_rotate`` in nn.cu), so neither pass stores cos/sin tables."""
+
+    @staticmethod
+    def forward(ctx, x, positions, theta=10000.0):
+        positions = cp.asarray(positions)
+        lead = x.shape[:-2]
+        hd = x.shape[-1]
+        try:
+            rows_shape = np.broadcast_shapes(positions.shape, lead)  # shapes only, on the host
+        except ValueError:
+            rows_shape = None
+        if rows_shape != lead:
+            raise ValueError(f"rope: positions shape {positions.shape} does not broadcast to x.shape[:-2] = "
+                             f"{lead} for x shape {x.shape}")
+        pos = cp.ascontiguousarray(cp.broadcast_to(positions, lead), dtype=cp.int64).reshape(-1)
+        ctx.save(pos, float(theta))
+        return _rope_apply(x, pos, float(theta), 1.0)
+
+    @staticmethod
+    def backward(ctx, gy):
+        pos, theta = ctx.saved
+        return _rope_apply(gy, pos, theta, -1.0), None  # a rotation's transpose is its inverse
+
+
+def _rope_apply(x, pos, theta, sign):
+    heads, hd = x.shape[-2], x.shape[-1]
+    x3 = _f32(x).reshape(-1, heads, hd)
+    y = cp.empty_like(x3)
+    if x3.size:
+        _kernel("nn.cu", "rope_rotate")(
+            (x3.shape[0],), _row_threads(heads * hd // 2),
+            (x3, pos, y, cp.int32(heads), cp.int32(hd), cp.float64(theta), cp.float32(sign)),
+            shared_mem=hd * 4,
+        )
+    return y.reshape(x.shape)
+
+
+def rope(x, positions, theta=10000.0):
+    """Rotary embedding, NeoX half-split (SPEC 5): x [..., T, H, hd], positions int [T] -> same shape."""
+    xd, pd = _data(x), cp.asarray(_data(positions))
+    valid = (
+        _all_f32(xd) and xd.ndim >= 3 and pd.ndim >= 1 and pd.shape[-1] == xd.shape[-3]
+        and pd.dtype.kind in "iu" and xd.shape[-1] > 0 and xd.shape[-1] % 2 == 0
+    )
+    if not valid:
+        return ref_nn.rope(x, positions, theta=theta)
+    return RoPE.apply(x, pd, theta=theta)
+
+
+class Softmax(Function):
+    """``reference.nn.Softmax``: one block per row over the last axis (another axis is moved
+    last and back, on the device)."""
+
+    @staticmethod
+    def forward(ctx, x, axis=-1):
+        last = cp.moveaxis(x, axis, -1)
+        x2 = _f32(last).reshape(-1, last.shape[-1])
+        y = cp.empty_like(x2)
+        if x2.size:
+            _kernel("nn.cu", "softmax_fwd")((x2.shape[0],), _row_threads(x2.shape[1]), (x2, y, cp.int32(x2.shape[1])))
+        ctx.save(y, last.shape, axis)
+        return cp.ascontiguousarray(cp.moveaxis(y.reshape(last.shape), -1, axis))
+
+    @staticmethod
+    def backward(ctx, gy):
+        y, last_shape, axis = ctx.saved
+        g2 = _f32(cp.moveaxis(gy, axis, -1)).reshape(y.shape)
+        gx = cp.empty_like(y)
+        if y.size:
+            _kernel("nn.cu", "softmax_bwd")((y.shape[0],), _row_threads(y.shape[1]), (y, g2, gx, cp.int32(y.shape[1])))
+        return (cp.ascontiguousarray(cp.moveaxis(gx.reshape(last_shape), -1, axis)),)
+
+
+def softmax(x, axis=-1):
+    """Softmax along ``axis``: x [...] -> same shape, entries in [0, 1] summing to 1 along ``axis``."""
+    xd = _data(x)
+    ndim = getattr(xd, "ndim", 0)
+    if not _all_f32(xd) or ndim < 1 or not isinstance(axis, int) or not -ndim <= axis < ndim:
+        return ref_nn.softmax(x, axis=axis)
+    return Softmax.apply(x, axis=axis)
+
+
+def cross_entropy_per_token(logits, targets, ignore_index=-100):
+    """Per-token losses l_i [N] (0 on ignored rows) as a plain array; not differentiable.
+
+    The ``cross_entropy_fwd`` kernel; as in ``cross_entropy``, a target outside [0, V) gives a
+    NaN loss instead of the reference's error, which would need a device-to-host copy.
+    """
+    lg = _data(logits)
+    t = cp.asarray(_data(targets))
+    if not _all_f32(lg) or lg.ndim != 2 or t.dtype.kind not in "iu" or t.shape != lg.shape[:1] or (
+            lg.shape[1] == 0 and lg.shape[0]):
+        return ref_nn.cross_entropy_per_token(logits, targets, ignore_index=ignore_index)
+    n, v = lg.shape
+    lg = _f32(lg)
+    t = cp.ascontiguousarray(t, dtype=cp.int64)
+    loss = cp.empty((n,), dtype=cp.float32)
+    lse = cp.empty((n,), dtype=cp.float32)
+    if n:
+        _kernel("nn.cu", "cross_entropy_fwd")((n,), _row_threads(v), (lg, t, loss, lse, cp.int32(v), cp.int64(ignore_index)))
+    return loss
+
+
 # ---------------------------------------------------------------------------- optimizers
 def _check_f32(name, *arrays):
     for a in arrays:
@@ -442,6 +566,49 @@ def muon8_momentum(qbuf, scales, g, *, beta, nesterov):
     return u
 
 
+def _scale_add(a, b, out, alpha, beta):
+    """out = alpha * a + beta * b (out may be b), one elementwise kernel."""
+    _kernel("nn.cu", "scale_add")(
+        _blocks(out.size), (_THREADS,), (a, b, out, cp.uint64(out.size), cp.float32(alpha), cp.float32(beta))
+    )
+
+
+def newton_schulz(u, steps=5, coefficients=None):
+    """``reference.optim.newton_schulz`` for float32 matrices: the products on cuBLAS into
+    buffers allocated once, the combinations in one fused kernel each, no host sync.
+
+    Wide ``X [m, n]`` (m <= n): ``A = X X^T``, ``B = b A + c A A``, ``X <- a X + B X``; tall ones
+    use ``A = X^T X`` and ``X <- a X + X B``, the same iteration on ``X^T`` without transposing.
+    ``a X`` is added after the product instead of being folded into ``B`` as ``a I``, which
+    would cost float32 accuracy on matrices with decaying spectra.
+    """
+    if (not isinstance(u, cp.ndarray) or u.dtype != cp.float32 or u.ndim != 2 or u.size == 0
+            or (coefficients is not None and len(coefficients) == 0)):
+        return ref_optim.newton_schulz(u, steps=steps, coefficients=coefficients)
+    x = cp.empty(u.shape, dtype=cp.float32)
+    cp.divide(u, cp.linalg.norm(u) + cp.float32(ref_optim.NS_EPS), out=x)  # the norm stays on the device
+    wide = x.shape[0] <= x.shape[1]
+    k = min(x.shape)
+    y = cp.empty_like(x)
+    gram = cp.empty((k, k), dtype=cp.float32)
+    mix = cp.empty((k, k), dtype=cp.float32)
+    for i in range(steps):
+        a, b, c = ref_optim.NS_COEFFICIENTS if coefficients is None else coefficients[min(i, len(coefficients) - 1)]
+        if wide:
+            cp.matmul(x, x.T, out=gram)
+        else:
+            cp.matmul(x.T, x, out=gram)
+        cp.matmul(gram, gram, out=mix)
+        _scale_add(gram, mix, mix, b, c)  # B = b A + c A A
+        if wide:
+            cp.matmul(mix, x, out=y)
+        else:
+            cp.matmul(x, mix, out=y)
+        _scale_add(x, y, y, a, 1.0)  # X' = a X + B X
+        x, y = y, x
+    return x
+
+
 OPS = {
     "quantize_acts": quantize_acts,
     "quantize_weights": quantize_weights,
@@ -455,8 +622,12 @@ OPS = {
     "swiglu": SwiGLU.apply,
     "relu2_glu": ReLU2GLU.apply,
     "cross_entropy": cross_entropy,
+    "cross_entropy_per_token": cross_entropy_per_token,
+    "rope": rope,
+    "softmax": softmax,
     "adamw_update": adamw_update,
     "lion_update": lion_update,
     "muon_momentum": muon_momentum,
     "muon8_momentum": muon8_momentum,
+    "newton_schulz": newton_schulz,
 }

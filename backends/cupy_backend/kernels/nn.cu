@@ -139,3 +139,82 @@ extern "C" __global__ void cross_entropy_bwd(const float* __restrict__ logits, c
         glogits[off + v] = c * (p - (v == t ? 1.0f : 0.0f));
     }
 }
+
+// ----------------------------------------------------------------------------- RoPE
+// NeoX half-split rotation of x [rows, H, hd] by per-row positions; sign = -1 rotates backwards
+// (the backward: a rotation's transpose is its inverse). One block per row: the row's hd/2
+// (cos, sin) pairs go to shared memory once and serve every head.
+//
+// Accuracy: the reference forms angle = p * theta^(-2i/hd) in float64. In float32 the angle
+// of a large position loses its fraction (p = 12345 keeps ~1e-3 rad), so the angle and its
+// reduction modulo 2*pi are done in float64 (three double ops per pair, once per row) and only
+// the reduced angle in [-pi, pi] goes through float32 sinf/cosf.
+extern "C" __global__ void rope_rotate(const float* __restrict__ x, const long long* __restrict__ pos,
+                                       float* __restrict__ y, int H, int hd, double theta, float sign) {
+    extern __shared__ float rope_cs[];  // [0, half): cos, [half, hd): sign * sin
+    const int half = hd / 2;
+    const double two_pi = 6.283185307179586;
+    const double p = (double)pos[blockIdx.x];
+    for (int i = threadIdx.x; i < half; i += blockDim.x) {
+        double ang = p * pow(theta, -2.0 * (double)i / (double)hd);
+        double r = ang - rint(ang * (1.0 / two_pi)) * two_pi;
+        float rf = (float)r;
+        rope_cs[i] = cosf(rf);
+        rope_cs[half + i] = sign * sinf(rf);
+    }
+    __syncthreads();
+    size_t base = (size_t)blockIdx.x * H * hd;
+    for (int k = threadIdx.x; k < H * half; k += blockDim.x) {
+        int h = k / half, i = k - h * half;
+        size_t o = base + (size_t)h * hd + i;
+        float c = rope_cs[i], s = rope_cs[half + i];
+        float x1 = x[o], x2 = x[o + half];
+        y[o] = x1 * c - x2 * s;
+        y[o + half] = x2 * c + x1 * s;
+    }
+}
+
+// ---------------------------------------------------------------------------- softmax
+// Row-wise softmax over the last axis. One read pass keeps a running (max, sum) per thread
+// (online softmax), the block combines them, a second pass writes. Entries equal to -inf
+// (masks) are skipped so that a thread which has only seen -inf keeps sum 0 instead of
+// forming exp(-inf - -inf) = NaN; an all -inf row still gives NaN, as in the reference.
+extern "C" __global__ void softmax_fwd(const float* __restrict__ x, float* __restrict__ y, int V) {
+    __shared__ float scratch[32];
+    size_t off = (size_t)blockIdx.x * V;
+    float m = -CUDART_INF_F_, s = 0.0f;
+    bool nan_seen = false;  // fmaxf drops NaNs; the reference's max does not, so remember them
+    for (int v = threadIdx.x; v < V; v += blockDim.x) {
+        float xv = x[off + v];
+        nan_seen |= xv != xv;
+        float mn = fmaxf(m, xv);
+        if (mn == -CUDART_INF_F_) continue;
+        s = s * expf(m - mn) + expf(xv - mn);
+        m = mn;
+    }
+    float row_max = block_max(m, scratch);
+    float part = m == -CUDART_INF_F_ ? 0.0f : s * expf(m - row_max);
+    float row_sum = block_sum(nan_seen ? __int_as_float(0x7fffffff) : part, scratch);  // NaN row -> all NaN
+    float inv = 1.0f / row_sum;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) y[off + v] = expf(x[off + v] - row_max) * inv;
+}
+
+// gx = y * (gy - sum(gy * y)) per row.
+extern "C" __global__ void softmax_bwd(const float* __restrict__ y, const float* __restrict__ gy,
+                                       float* __restrict__ gx, int V) {
+    __shared__ float scratch[32];
+    size_t off = (size_t)blockIdx.x * V;
+    float dot = 0.0f;
+    for (int v = threadIdx.x; v < V; v += blockDim.x) dot += gy[off + v] * y[off + v];
+    dot = block_sum(dot, scratch);
+    for (int v = threadIdx.x; v < V; v += blockDim.x) gx[off + v] = y[off + v] * (gy[off + v] - dot);
+}
+
+// ---------------------------------------------------------------------- Newton-Schulz
+// out = alpha * a + beta * b, elementwise (out may alias b): the two combinations of one
+// Newton-Schulz step (B = b A + c AA, X' = a X + B X) in one pass each instead of three.
+extern "C" __global__ void scale_add(const float* __restrict__ a, const float* b, float* out,
+                                     size_t n, float alpha, float beta) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = alpha * a[i] + beta * b[i];
+}
