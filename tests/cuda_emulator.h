@@ -1,7 +1,7 @@
 // A small CPU emulator for the CUDA C subset the cupy backend's kernels use, so their logic
 // is tested on machines without a GPU (see cuda_emulator.py).
 //
-// Each CUDA thread of a block is a fiber (ucontext) run by one OS thread; blocks run one
+// Each CUDA thread of a block is a fiber (own stack) run by one OS thread; blocks run one
 // after another. __syncthreads and the warp collectives (shuffles, ballots, __syncwarp, the
 // int8 mma) suspend the fiber until every still-running thread of the block (or warp) has
 // reached them, which is how the hardware behaves for the well-formed kernels we write, and
@@ -36,31 +36,88 @@ inline float2 make_float2(float x, float y) { return {x, y}; }
 inline int4 make_int4(int x, int y, int z, int w) { return {x, y, z, w}; }
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
+// On x86-64 a fiber switch is six register pushes and a stack swap (ucontext's switch makes a
+// signal-mask system call each time, ten times slower); elsewhere ucontext does it.
+#if defined(__x86_64__)
+#define EMU_FAST_SWITCH 1
+extern "C" void emu_switch_stack(void** save_sp, void* load_sp);
+asm(R"(
+    .text
+    .globl emu_switch_stack
+    .type emu_switch_stack, @function
+emu_switch_stack:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size emu_switch_stack, .-emu_switch_stack
+)");
+#else
+#define EMU_FAST_SWITCH 0
+#endif
+
 namespace emu {
 enum State { RUNNING, AT_BLOCK_BARRIER, AT_WARP_BARRIER, DONE };
 
 struct Fiber {
+#if EMU_FAST_SWITCH
+    void* sp;  // saved stack pointer while suspended
+#else
     ucontext_t ctx;
+#endif
     dim3 tid;
     int warp, lane;
     State state;
 };
 
-constexpr size_t kStackBytes = 256 * 1024;
+constexpr size_t kStackBytes = 64 * 1024;
 
 inline dim3 block_idx, block_dim, grid_dim;
 inline Fiber* cur = nullptr;
 inline std::vector<Fiber> fibers;
 inline std::vector<char> stacks;
+#if EMU_FAST_SWITCH
+inline void* scheduler_sp = nullptr;
+#else
 inline ucontext_t scheduler;
+#endif
 inline std::function<void()> body;
 inline std::vector<unsigned char> dynamic_shared;
 inline std::vector<uint64_t> warp_slots;  // 32 lanes x 8 words per warp, for warp collectives
 inline char error[256] = "";
 
+// From a fiber back to the scheduler, and from the scheduler into fiber f.
+inline void to_scheduler() {
+#if EMU_FAST_SWITCH
+    emu_switch_stack(&cur->sp, scheduler_sp);
+#else
+    swapcontext(&cur->ctx, &scheduler);
+#endif
+}
+
+inline void run_fiber(Fiber& f) {
+    cur = &f;
+#if EMU_FAST_SWITCH
+    emu_switch_stack(&scheduler_sp, f.sp);
+#else
+    swapcontext(&scheduler, &f.ctx);
+#endif
+}
+
 inline void wait(State s) {
     cur->state = s;
-    swapcontext(&cur->ctx, &scheduler);
+    to_scheduler();
 }
 
 inline void warp_sync() { wait(AT_WARP_BARRIER); }
@@ -75,7 +132,27 @@ inline int warp_size(int warp) {
 inline void trampoline() {
     body();
     cur->state = DONE;
-    swapcontext(&cur->ctx, &scheduler);
+    to_scheduler();  // never resumed
+    abort();
+}
+
+inline void start_fiber(Fiber& f, char* stack) {
+#if EMU_FAST_SWITCH
+    // The first switch pops six zero registers and "returns" into trampoline with the stack
+    // aligned as after a call.
+    uintptr_t top = ((uintptr_t)(stack + kStackBytes)) & ~(uintptr_t)15;
+    void** sp = (void**)top;
+    *--sp = nullptr;                      // trampoline's own return address (never used)
+    *--sp = (void*)&trampoline;
+    for (int i = 0; i < 6; ++i) *--sp = nullptr;
+    f.sp = sp;
+#else
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = stack;
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, trampoline, 0);
+#endif
 }
 
 // Release a barrier when every thread that has not finished waits at it; 0 when no
@@ -132,19 +209,12 @@ inline int launch(dim3 grid, dim3 block, size_t shared_bytes, std::function<void
                     f.warp = (int)(i / 32);
                     f.lane = (int)(i % 32);
                     f.state = RUNNING;
-                    getcontext(&f.ctx);
-                    f.ctx.uc_stack.ss_sp = &stacks[i * kStackBytes];
-                    f.ctx.uc_stack.ss_size = kStackBytes;
-                    f.ctx.uc_link = nullptr;
-                    makecontext(&f.ctx, trampoline, 0);
+                    start_fiber(f, &stacks[i * kStackBytes]);
                 }
                 for (;;) {
                     bool all_done = true;
                     for (auto& f : fibers) {
-                        if (f.state == RUNNING) {
-                            cur = &f;
-                            swapcontext(&scheduler, &f.ctx);
-                        }
+                        if (f.state == RUNNING) run_fiber(f);
                         if (f.state != DONE) all_done = false;
                     }
                     if (all_done) break;
