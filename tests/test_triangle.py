@@ -467,6 +467,7 @@ def _check_mhc_pre(be, rng):
     cases = [  # X shape, per-token coefficients
         ((5, 4, 7), False), ((5, 4, 7), True), ((2, 3, 2, 33), False), ((2, 3, 2, 33), True),
         ((1, 2, 1), False), ((1, 2, 1), True), ((6, 1, 9), False), ((4, 3), False), ((300, 4, 64), False),
+        ((3, 4, 700), True), ((5, 2, 300), False), ((4, 3, 33), True), ((6, 8, 40), True), ((2, 6, 70), False),
     ]
     for shape, per_token in cases:
         x = rng.standard_normal(shape)
@@ -483,6 +484,9 @@ def _check_mhc_post(be, rng):
         ((5, 4, 7), False, False), ((5, 4, 7), True, True), ((5, 2, 7), True, False), ((5, 2, 7), False, True),
         ((2, 3, 4, 33), True, True), ((2, 3, 2, 10), False, False), ((1, 4, 1), False, False),
         ((1, 4, 1), True, True), ((7, 1, 5), False, False), ((3, 5), False, False), ((256, 4, 64), True, False),
+        # columns past one block, n = 3, and n = 5..8 (the cupy kernels' second register bound)
+        ((4, 4, 600), False, True), ((3, 2, 257), True, False), ((4, 3, 70), True, True),
+        ((6, 8, 40), True, True), ((3, 5, 33), False, False),
     ]
     for shape, res_per_token, post_per_token in cases:
         n, lead = shape[-2], shape[:-2]

@@ -12,6 +12,7 @@ import math
 import cupy as cp
 import numpy as np
 
+from reference import mhc as ref_mhc
 from reference import nn as ref_nn
 from reference import optim as ref_optim
 from reference.autograd import Function, Tensor
@@ -518,6 +519,121 @@ def cross_entropy_per_token(logits, targets, ignore_index=-100):
     return loss
 
 
+# ----------------------------------------------------------------------------------- mHC
+# Streams X [..., n, C] are viewed as [T, n, C]; a coefficient is shared ([n], [n, n]) or per
+# token ([..., n], [..., n, n]) and reaches the kernels as a pointer plus a token stride (0 when
+# shared). Kernels keep a token's streams in registers, sized for n <= 4 or n <= 8; larger n
+# runs on the reference.
+def _mhc_bound(n):
+    return 4 if n <= 4 else 8
+
+
+def _mhc_coeff(coeff, tail):
+    """A coefficient as contiguous float32 and its token stride (0 when shared)."""
+    c = _f32(coeff)
+    size = int(math.prod(tail))
+    return c, (0 if c.size == size else size)
+
+
+def _mhc_coeff_grad(rows, shared, shape):
+    """Per-token coefficient gradients [T, ...] -> the coefficient's shape (summed if shared)."""
+    return (rows.sum(axis=0) if shared else rows).reshape(shape)
+
+
+class MhcPre(Function):
+    """``reference.mhc.MhcPre``: ``u = sum_s h_pre[s] X[s]`` (kernels in mhc.cu)."""
+
+    @staticmethod
+    def forward(ctx, x, h_pre):
+        shared = ref_mhc._check_stream_coeff("mhc_pre", "h_pre", h_pre, x, (x.shape[-2],))
+        n, c_len = x.shape[-2], x.shape[-1]
+        x3 = _f32(x).reshape(-1, n, c_len)
+        t_len = x3.shape[0]
+        h, stride = _mhc_coeff(h_pre, (n,))
+        u = cp.empty((t_len, c_len), dtype=cp.float32)
+        _kernel("mhc.cu", "mhc_pre_fwd")(
+            _blocks(t_len * c_len), (_THREADS,), (x3, h, u, cp.int32(t_len), cp.int32(n), cp.int32(c_len), cp.int32(stride))
+        )
+        ctx.save(x3, h, stride, shared, h_pre.shape, x.shape)
+        return u.reshape(x.shape[:-2] + (c_len,))
+
+    @staticmethod
+    def backward(ctx, g):
+        x3, h, stride, shared, h_shape, x_shape = ctx.saved
+        t_len, n, c_len = x3.shape
+        dx = cp.empty_like(x3)
+        dh_rows = cp.empty((t_len, n), dtype=cp.float32)
+        _kernel("mhc.cu", f"mhc_pre_bwd{_mhc_bound(n)}")(
+            (t_len,), _row_threads(c_len),
+            (x3, h, _f32(g).reshape(t_len, c_len), dx, dh_rows, cp.int32(n), cp.int32(c_len), cp.int32(stride)),
+        )
+        d_h = _mhc_coeff_grad(dh_rows, shared, h_shape) if ctx.needs_input_grad[1] else None
+        return (dx.reshape(x_shape) if ctx.needs_input_grad[0] else None), d_h
+
+
+def mhc_pre(x, h_pre):
+    """``mhc_pre(X [..., n, C], h_pre [n] or [..., n]) -> u [..., C]``, ``u = sum_s h_pre[s] X[s]``."""
+    xd = _data(x)
+    if not _all_f32(x, h_pre) or xd.ndim < 2 or xd.size == 0 or xd.shape[-2] > 8:
+        return ref_mhc.mhc_pre(x, h_pre)
+    return MhcPre.apply(x, h_pre)
+
+
+class MhcPost(Function):
+    """``reference.mhc.MhcPost``: ``X' = H_res @ (X + h_post (outer) y)`` (kernels in mhc.cu).
+    Saves X and y, not Z: the backward recomputes Z per column."""
+
+    @staticmethod
+    def forward(ctx, x, y, h_res, h_post):
+        if x.ndim < 2 or y.shape != x.shape[:-2] + x.shape[-1:]:
+            raise ValueError(f"mhc_post: X has shape {x.shape} and y {y.shape}, expected [..., n, C] and [..., C]")
+        n, c_len = x.shape[-2], x.shape[-1]
+        shared_res = ref_mhc._check_stream_coeff("mhc_post", "H_res", h_res, x, (n, n))
+        shared_post = ref_mhc._check_stream_coeff("mhc_post", "h_post", h_post, x, (n,))
+        x3 = _f32(x).reshape(-1, n, c_len)
+        t_len = x3.shape[0]
+        y2 = _f32(y).reshape(t_len, c_len)
+        hr, res_stride = _mhc_coeff(h_res, (n, n))
+        hp, post_stride = _mhc_coeff(h_post, (n,))
+        out = cp.empty_like(x3)
+        _kernel("mhc.cu", f"mhc_post_fwd{_mhc_bound(n)}")(
+            _blocks(t_len * c_len), (_THREADS,),
+            (x3, y2, hr, hp, out, cp.int32(t_len), cp.int32(n), cp.int32(c_len), cp.int32(res_stride), cp.int32(post_stride)),
+        )
+        ctx.save(x3, y2, hr, hp, res_stride, post_stride, shared_res, shared_post, h_res.shape, h_post.shape, x.shape, y.shape)
+        return out.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        x3, y2, hr, hp, res_stride, post_stride, shared_res, shared_post, res_shape, post_shape, x_shape, y_shape = ctx.saved
+        t_len, n, c_len = x3.shape
+        dx = cp.empty_like(x3)
+        dy = cp.empty_like(y2)
+        dres_rows = cp.empty((t_len, n, n), dtype=cp.float32)
+        dpost_rows = cp.empty((t_len, n), dtype=cp.float32)
+        _kernel("mhc.cu", f"mhc_post_bwd{_mhc_bound(n)}")(
+            (t_len,), _row_threads(c_len),
+            (x3, y2, hr, hp, _f32(g).reshape(x3.shape), dx, dy, dres_rows, dpost_rows,
+             cp.int32(n), cp.int32(c_len), cp.int32(res_stride), cp.int32(post_stride)),
+        )
+        needs = ctx.needs_input_grad
+        return (
+            dx.reshape(x_shape) if needs[0] else None,
+            dy.reshape(y_shape) if needs[1] else None,
+            _mhc_coeff_grad(dres_rows, shared_res, res_shape) if needs[2] else None,
+            _mhc_coeff_grad(dpost_rows, shared_post, post_shape) if needs[3] else None,
+        )
+
+
+def mhc_post(x, y, h_res, h_post):
+    """``mhc_post(X [..., n, C], y [..., C], H_res [n, n] or [..., n, n], h_post [n] or [..., n])
+    -> X' [..., n, C]``, ``X' = H_res @ (X + h_post (outer) y)``."""
+    xd = _data(x)
+    if not _all_f32(x, y, h_res, h_post) or xd.ndim < 2 or xd.size == 0 or xd.shape[-2] > 8:
+        return ref_mhc.mhc_post(x, y, h_res, h_post)
+    return MhcPost.apply(x, y, h_res, h_post)
+
+
 # ---------------------------------------------------------------------------- optimizers
 def _check_f32(name, *arrays):
     for a in arrays:
@@ -625,6 +741,8 @@ OPS = {
     "cross_entropy_per_token": cross_entropy_per_token,
     "rope": rope,
     "softmax": softmax,
+    "mhc_pre": mhc_pre,
+    "mhc_post": mhc_post,
     "adamw_update": adamw_update,
     "lion_update": lion_update,
     "muon_momentum": muon_momentum,
