@@ -2,171 +2,240 @@
 
 Times are medians of CUDA-event-timed repeats. Every section is independent: a failure is
 recorded in the JSON and the next section runs.
+
+    python scripts/bench_gpu.py --out bench_gpu.json          # on a GPU, the issue's shapes
+    python scripts/bench_gpu.py --emulated --small             # the same code on the CPU emulator
+                                                               # (checks the script, times nothing)
 """
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import sys
+import tempfile
 import time
 import traceback
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def cuda_time(fn, repeats=20, warmup=3):
-    import cupy as cp
-
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = cp.cuda.Event(), cp.cuda.Event()
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, end) / 1e3)
-    return float(np.median(times))
+# name -> shapes at full size (the issue's) and small (for the emulated dry run)
+SHAPES = {
+    "gemm": {"full": (8192, 4096, 4096, 256), "small": (40, 128, 256, 64)},  # n, m, k, g
+    "gemv": {"full": (8192, 8192, 256), "small": (96, 512, 128)},  # m, k, g
+    "linear": {"full": (8192, 4096, 4096), "small": (40, 256, 128)},  # n, k, m
+}
 
 
-def bench_gemm(be, results):
-    import cupy as cp
+class Timer:
+    """Median seconds of ``fn``: CUDA events on a GPU, wall clock elsewhere."""
 
-    from backends.cupy_backend import ops
+    def __init__(self, be):
+        self.be = be
+        self.cuda = be.name == "cupy"
 
+    def __call__(self, fn, repeats=20, warmup=3):
+        if not self.cuda:
+            repeats, warmup = min(repeats, 2), 1
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            if self.cuda:
+                import cupy as cp
+
+                start, end = cp.cuda.Event(), cp.cuda.Event()
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(cp.cuda.get_elapsed_time(start, end) / 1e3)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+
+def rel_err(xp, got, want):
+    return float(xp.linalg.norm(got - want) / xp.linalg.norm(want))
+
+
+def bench_gemm(ctx, results):
+    be, xp, ops = ctx.be, ctx.be.xp, ctx.ops
+    n, m, k, g = SHAPES["gemm"][ctx.size]
     rng = np.random.default_rng(0)
-    n, m, k, g = 8192, 4096, 4096, 256
-    xq = cp.asarray(rng.integers(-127, 128, size=(n, k), dtype=np.int8))
-    xs = cp.asarray(rng.random(n, dtype=np.float32))
+    xq = xp.asarray(rng.integers(-127, 128, size=(n, k), dtype=np.int8))
+    xs = xp.asarray(rng.random(n, dtype=np.float32))
     q = rng.integers(-1, 2, size=(m, k)).astype(np.int8)
-    handle = be.prepare_packed(be.pack_ternary(cp.asarray(q)), cp.asarray(rng.random((m, k // g), dtype=np.float32)), g)
+    handle = be.prepare_packed(be.pack_ternary(xp.asarray(q)), xp.asarray(rng.random((m, k // g), dtype=np.float32)), g)
     # Exactness at full size: the tensor-core result on 256 tokens against cuBLAS in float64.
-    y = be.packed_gemm(handle, xq[:256], xs[:256])
-    want = ops._grouped_gemm_fallback(xq[:256], xs[:256], handle.int8, handle.scales, g)
-    rel = float(cp.linalg.norm(y - want) / cp.linalg.norm(want))
-    t_mma = cuda_time(lambda: be.packed_gemm(handle, xq, xs))
+    rows = min(n, 256)
+    y = be.packed_gemm(handle, xq[:rows], xs[:rows])
+    want = ops._grouped_gemm_fallback(xq[:rows], xs[:rows], handle.int8, handle.scales, g)
+    t_mma = ctx.time(lambda: be.packed_gemm(handle, xq, xs))
     saved, ops.MMA_MIN_TOKENS = ops.MMA_MIN_TOKENS, n + 1  # the dp4a kernel on the same shape
     try:
-        t_dp4a = cuda_time(lambda: be.packed_gemm(handle, xq, xs), repeats=5)
+        t_dp4a = ctx.time(lambda: be.packed_gemm(handle, xq, xs), repeats=5)
     finally:
         ops.MMA_MIN_TOKENS = saved
-    a16 = cp.asarray(rng.standard_normal((n, k)), dtype=cp.float16)
-    b16 = cp.asarray(rng.standard_normal((k, m)), dtype=cp.float16)
-    t_fp16 = cuda_time(lambda: a16 @ b16)
-    ops_count = 2.0 * n * m * k
-    results["gemm_8192x4096x4096"] = {
-        "mma_int8_tops": ops_count / t_mma / 1e12, "dp4a_int8_tops": ops_count / t_dp4a / 1e12,
-        "cublas_fp16_tops": ops_count / t_fp16 / 1e12, "ratio_mma_vs_fp16": t_fp16 / t_mma,
-        "rel_err_vs_float64_256_tokens": rel,
+    a16 = xp.asarray(rng.standard_normal((n, k)), dtype=xp.float16)
+    b16 = xp.asarray(rng.standard_normal((k, m)), dtype=xp.float16)
+    t_fp16 = ctx.time(lambda: a16 @ b16)
+    count = 2.0 * n * m * k
+    results[f"gemm_{n}x{m}x{k}_g{g}"] = {
+        "mma_int8_tops": count / t_mma / 1e12, "dp4a_int8_tops": count / t_dp4a / 1e12,
+        "cublas_fp16_tops": count / t_fp16 / 1e12, "ratio_mma_vs_fp16": t_fp16 / t_mma,
+        "kernel": ops.gemm_kernel_for(n, g), f"rel_err_vs_float64_{rows}_tokens": rel_err(xp, y, want),
     }
 
 
-def bench_gemv(be, results):
-    import cupy as cp
-
+def bench_gemv(ctx, results):
+    be, xp = ctx.be, ctx.be.xp
+    m, k, g = SHAPES["gemv"][ctx.size]
     rng = np.random.default_rng(1)
-    m = k = 8192
-    g = 256
     q = rng.integers(-1, 2, size=(m, k)).astype(np.int8)
-    packed = be.pack_ternary(cp.asarray(q))
-    scales = cp.asarray(rng.random((m, k // g), dtype=np.float32))
+    packed = be.pack_ternary(xp.asarray(q))
+    scales = xp.asarray(rng.random((m, k // g), dtype=np.float32))
     handle = be.prepare_packed(packed, scales, g)
-    xq = cp.asarray(rng.integers(-127, 128, size=k, dtype=np.int8))
-    xs = cp.full((1,), 0.01, dtype=cp.float32)  # on the device, as the engine passes it
-    t = cuda_time(lambda: be.packed_gemv(handle, xq, xs), repeats=50)
-    src = cp.zeros(256 << 20, dtype=cp.uint8)
-    dst = cp.empty_like(src)
-    t_copy = cuda_time(lambda: cp.copyto(dst, src))
+    xq = xp.asarray(rng.integers(-127, 128, size=k, dtype=np.int8))
+    xs = xp.full((1,), 0.01, dtype=xp.float32)  # on the device, as the engine passes it
+    got = be.packed_gemv(handle, xq, xs)
+    want = (xp.asarray(q, dtype=xp.float64).reshape(m, k // g, g) * xp.asarray(xq, dtype=xp.float64).reshape(k // g, g)
+            ).sum(axis=2)
+    want = (want * scales.astype(xp.float64)).sum(axis=1) * 0.01
+    t = ctx.time(lambda: be.packed_gemv(handle, xq, xs), repeats=50)
+    src = xp.zeros((256 << 20) if ctx.size == "full" else (1 << 20), dtype=xp.uint8)
+    dst = xp.empty_like(src)
+    t_copy = ctx.time(lambda: xp.copyto(dst, src))
     copy_bw = 2 * src.nbytes / t_copy
-    bytes_moved = packed.nbytes + scales.nbytes + k
-    results["gemv_8192x8192"] = {
-        "seconds": t, "gops": 2.0 * m * k / t / 1e9, "achieved_gb_s": bytes_moved / t / 1e9,
-        "copy_gb_s": copy_bw / 1e9, "fraction_of_copy_bandwidth": bytes_moved / t / copy_bw,
+    moved = packed.nbytes + scales.nbytes + k
+    results[f"gemv_{m}x{k}_g{g}"] = {
+        "seconds": t, "gops": 2.0 * m * k / t / 1e9, "achieved_gb_s": moved / t / 1e9,
+        "copy_gb_s": copy_bw / 1e9, "fraction_of_copy_bandwidth": moved / t / copy_bw,
+        "rel_err_vs_float64": rel_err(xp, got, want),
     }
 
 
-def bench_ternary_linear(be, results):
-    import cupy as cp
-
+def bench_ternary_linear(ctx, results):
     from reference.autograd import Tensor
 
+    be, xp = ctx.be, ctx.be.xp
+    n, k, m = SHAPES["linear"][ctx.size]
     rng = np.random.default_rng(2)
-    n, k, m = 8192, 4096, 4096
-    x = Tensor(cp.asarray(rng.standard_normal((n, k)), dtype=cp.float32), requires_grad=True)
-    w = Tensor(cp.asarray(rng.standard_normal((m, k)) * 0.02, dtype=cp.float32), requires_grad=True)
-    gy = cp.ones((n, m), dtype=cp.float32)
+    x = Tensor(xp.asarray(rng.standard_normal((n, k)), dtype=xp.float32), requires_grad=True)
+    w = Tensor(xp.asarray(rng.standard_normal((m, k)) * 0.02, dtype=xp.float32), requires_grad=True)
+    gy = xp.ones((n, m), dtype=xp.float32)
 
     def fwd_bwd():
         x.grad = w.grad = None
-        be.ternary_linear(x, w, 256).backward(gy)
+        be.ternary_linear(x, w, 256 if k % 256 == 0 else 64).backward(gy)
 
-    a16 = cp.asarray(rng.standard_normal((n, k)), dtype=cp.float16)
-    w16 = cp.asarray(rng.standard_normal((m, k)), dtype=cp.float16)
-    g16 = cp.ones((n, m), dtype=cp.float16)
+    a16 = xp.asarray(rng.standard_normal((n, k)), dtype=xp.float16)
+    w16 = xp.asarray(rng.standard_normal((m, k)), dtype=xp.float16)
+    g16 = xp.ones((n, m), dtype=xp.float16)
 
     def fp16_fwd_bwd():
         a16 @ w16.T
         g16 @ w16
         g16.T @ a16
 
-    results["ternary_linear_fwd_bwd_8192x4096x4096"] = {
-        "ternary_seconds": cuda_time(fwd_bwd, repeats=10), "cublas_fp16_3gemm_seconds": cuda_time(fp16_fwd_bwd, repeats=10),
+    t_tern, t_fp16 = ctx.time(fwd_bwd, repeats=10), ctx.time(fp16_fwd_bwd, repeats=10)
+    results[f"ternary_linear_fwd_bwd_{n}x{k}x{m}"] = {
+        "ternary_seconds": t_tern, "cublas_fp16_3gemm_seconds": t_fp16, "ratio_fp16_vs_ternary": t_fp16 / t_tern,
     }
 
 
-def bench_training(be, results, preset, steps=5, seq_len=None, batch=None):
-    from types import SimpleNamespace
-
+def bench_training(ctx, results, preset, steps=5):
     from nanochat.config import load_config
     from nanochat.loader import BatchLoader
     from nanochat.train import Trainer
 
     overrides = ["train.backend=cupy", "train.async_loader=false", "train.tensorboard=false"]
+    if ctx.size == "small":  # the dry run: the preset's code paths at a toy size
+        overrides += ["model.dim=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=2",
+                      "model.ffn_hidden=128", "model.group_size=64", "model.seq_len=32", "model.vocab_size=300",
+                      "train.batch_size=2"]
+        steps = 1
     cfg = load_config(preset, overrides)
     rng = np.random.default_rng(3)
-    toks = rng.integers(0, cfg.model.vocab_size, size=2_000_000).astype(np.uint16)
-    data = SimpleNamespace(train_tokens=toks, val_tokens=toks[:100000], vocab_size=cfg.model.vocab_size,
+    toks = rng.integers(0, cfg.model.vocab_size, size=200_000).astype(np.uint16)
+    data = SimpleNamespace(train_tokens=toks, val_tokens=toks[:100_000], vocab_size=cfg.model.vocab_size,
                            tokenizer=None, tokenizer_path=None)
-    import tempfile
-
     with tempfile.TemporaryDirectory() as d:
         tr = Trainer(cfg, out_dir=d, progress=False, data=data)
         loader = BatchLoader(toks, cfg.train.batch_size, cfg.model.seq_len, 0)
         tr.train_step(loader)
-        be.synchronize()
+        ctx.be.synchronize()
         t0 = time.perf_counter()
         for _ in range(steps):
             tr.train_step(loader)
-        be.synchronize()
+        ctx.be.synchronize()
         dt = (time.perf_counter() - t0) / steps
     tokens = cfg.train.batch_size * cfg.model.seq_len * cfg.train.grad_accum
-    results[f"train_step_{preset}"] = {"seconds_per_step": dt, "tokens_per_sec": tokens / dt}
+    results[f"train_step_{preset}"] = {"seconds_per_step": dt, "tokens_per_sec": tokens / dt,
+                                       "tokens_per_step": tokens, "backend": tr.be.name}
 
 
-def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--out", default="bench_gpu.json")
-    args = p.parse_args()
+SECTIONS = (
+    ("gemm", bench_gemm), ("gemv", bench_gemv), ("ternary_linear", bench_ternary_linear),
+    ("train_tiny", lambda c, r: bench_training(c, r, "tiny")),
+    ("train_nano_125m", lambda c, r: bench_training(c, r, "nano_125m", steps=3)),
+)
+
+
+def cupy_context(size):
     import backends
+    import cupy as cp
+    from backends.cupy_backend import ops
 
     be = backends.get_backend("cupy")
-    results = {"date": time.strftime("%Y-%m-%d"), "host": platform.node()}
-    import cupy as cp
+    return SimpleNamespace(be=be, ops=ops, size=size, time=Timer(be),
+                           device=cp.cuda.runtime.getDeviceProperties(0)["name"].decode())
 
-    results["device"] = cp.cuda.runtime.getDeviceProperties(0)["name"].decode()
-    for name, fn in (("gemm", bench_gemm), ("gemv", bench_gemv), ("ternary_linear", bench_ternary_linear),
-                     ("train_tiny", lambda b, r: bench_training(b, r, "tiny")),
-                     ("train_nano_125m", lambda b, r: bench_training(b, r, "nano_125m", steps=3))):
+
+def emulated_context(size):
+    """The cupy backend's code on the CPU emulator, registered as "cupy" for the trainer."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import backends
+    import cuda_emulator
+
+    be = cuda_emulator.emulated_cupy_backend()
+    backends.register("cupy", lambda: be)
+    return SimpleNamespace(be=be, ops=cuda_emulator.emulated_ops(), size=size, time=Timer(be),
+                           device="CPU emulator (no timings)")
+
+
+def run(ctx, sections=SECTIONS):
+    results = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "device": ctx.device, "size": ctx.size}
+    for name, fn in sections:
         try:
-            fn(be, results)
+            fn(ctx, results)
         except Exception:
             results[f"{name}_error"] = traceback.format_exc(limit=3)
         print(json.dumps({k: v for k, v in results.items() if k.startswith(name.split("_")[0])}, indent=1), flush=True)
+    return results
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench_gpu.json")
+    p.add_argument("--small", action="store_true", help="toy shapes (a dry run of the script)")
+    p.add_argument("--emulated", action="store_true", help="run the cupy backend's kernels on the CPU emulator")
+    args = p.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    size = "small" if args.small else "full"
+    ctx = emulated_context(size) if args.emulated else cupy_context(size)
+    results = run(ctx)
     with open(args.out, "w") as fh:
         json.dump(results, fh, indent=1)
     print(json.dumps(results, indent=1))
+    return 1 if any(k.endswith("_error") for k in results) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""scripts/bench_gpu.py runs end to end on the CPU emulator at toy sizes, so a lent GPU's
+few minutes are not lost to a broken benchmark script."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+import cuda_emulator
+
+pytestmark = pytest.mark.skipif(cuda_emulator.unavailable_reason() is not None,
+                                reason=f"{cuda_emulator.unavailable_reason()}")
+
+
+def test_gpu_benchmark_script_dry_run(tmp_path, monkeypatch):
+    import backends
+
+    # The script registers the emulated backend as "cupy"; undo that after the test.
+    monkeypatch.setattr(backends, "_REGISTRY", dict(backends._REGISTRY))
+    monkeypatch.setattr(backends, "_CACHE", dict(backends._CACHE))
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    bench_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_gpu)
+    out = tmp_path / "bench.json"
+    assert bench_gpu.main(["--emulated", "--small", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert not [k for k in results if k.endswith("_error")]
+    gemm = next(v for k, v in results.items() if k.startswith("gemm_"))
+    assert gemm["kernel"] == "mma" and gemm["rel_err_vs_float64_40_tokens"] < 1e-6
+    gemv = next(v for k, v in results.items() if k.startswith("gemv_"))
+    assert gemv["rel_err_vs_float64"] < 1e-6
+    for preset in ("tiny", "nano_125m"):
+        assert results[f"train_step_{preset}"]["backend"] == "cupy-emulated"
