@@ -468,6 +468,25 @@ class Completion:
 
 
 # --------------------------------------------------------------------------------- engine
+# Projections of one block that read the same input, largest group first: attention q/k/v,
+# DeltaNet q/k/v and output gate, FFN gate/up.
+FUSED_PROJECTIONS = (("wq", "wk", "wv", "wgate"), ("wq", "wk", "wv"), ("w_gate", "w_up"))
+
+
+def _fusion_groups(names):
+    """``[(key, members)]`` covering every ternary tensor name once: stacked groups of
+    ``FUSED_PROJECTIONS`` where all members exist under one prefix, singletons otherwise."""
+    left, groups = list(names), []
+    for suffixes in FUSED_PROJECTIONS:
+        prefixes = {n[: -len(suffixes[0])] for n in left if n.endswith("." + suffixes[0])}
+        for prefix in sorted(prefixes):
+            members = [prefix + s for s in suffixes]
+            if all(m in left for m in members):
+                groups.append((prefix + "+".join(suffixes), members))
+                left = [n for n in left if n not in members]
+    return groups + [(n, [n]) for n in left]
+
+
 class Engine:
     """Runs a loaded ternary model for generation and evaluation.
 
@@ -494,17 +513,19 @@ class Engine:
         xp = self.xp
         self.w = {name: xp.asarray(np.asarray(loaded.floats[name], dtype=F32)) for name in floats}
         self._w64: dict[str, object] = {}
-        self.linear = {}
-        for name in ternary:
-            packed, scales = loaded.ternary[name]
-            packed = np.ascontiguousarray(packed)
-            scales = np.ascontiguousarray(scales, dtype=F32)
-            if self.dequantized:
-                q = self.be.unpack_ternary(xp.asarray(packed))
-                self.linear[name] = xp.ascontiguousarray(
-                    self.be.dequantize_weights(q, xp.asarray(scales), cfg.group_size).astype(F32))
-            else:
-                self.linear[name] = self.be.prepare_packed(xp.asarray(packed), xp.asarray(scales), cfg.group_size)
+        # Projections that read the same input are stacked into one matrix (one activation
+        # quantization and one GEMV/GEMM instead of three or four); self.fused maps a member
+        # to (stacked name, first row, last row). Each output row is the same dot product as
+        # before, so the logits do not change.
+        self.linear, self.fused = {}, {}
+        for key, members in _fusion_groups(ternary):
+            rows = [loaded.ternary[name][0].shape[0] for name in members]
+            packed = np.concatenate([np.asarray(loaded.ternary[name][0]) for name in members])
+            scales = np.concatenate([np.asarray(loaded.ternary[name][1], dtype=F32) for name in members])
+            self.linear[key] = self._prepare_linear(packed, scales)
+            if len(members) > 1:
+                for name, first, last in zip(members, np.cumsum([0] + rows[:-1]), np.cumsum(rows)):
+                    self.fused[name] = (key, int(first), int(last))
         self.head = self.w["tok_embeddings" if cfg.tie_embeddings else "lm_head"]
         self._static_mhc = self._static_mhc_coeffs() if cfg.n_streams > 1 and cfg.mhc_mode == "static" else {}
         self.max_len = int(max_len or cfg.seq_len)
@@ -633,8 +654,26 @@ class Engine:
             a = self._w64[name] = self.w[name].astype(F64)
         return a
 
+    def _prepare_linear(self, packed, scales):
+        xp, g = self.xp, self.cfg.group_size
+        packed, scales = np.ascontiguousarray(packed), np.ascontiguousarray(scales, dtype=F32)
+        if self.dequantized:
+            q = self.be.unpack_ternary(xp.asarray(packed))
+            return xp.ascontiguousarray(self.be.dequantize_weights(q, xp.asarray(scales), g).astype(F32))
+        return self.be.prepare_packed(xp.asarray(packed), xp.asarray(scales), g)
+
+    def _linears(self, names, x2):
+        """Several BitLinears of the same rows ``x2``: one product when they are stacked."""
+        key = self.fused.get(names[0], (None,))[0]
+        if key is None or any(self.fused.get(n, (None,))[0] != key for n in names):
+            return [self._linear(n, x2) for n in names]
+        y = self._linear(key, x2)
+        return [y[:, self.fused[n][1]:self.fused[n][2]] for n in names]
+
     def _linear(self, name, x2):
         """BitLinear on rows ``x2 [N, K]`` float32 -> ``[N, M]`` float32 (int8 activations per row)."""
+        if name in self.fused:
+            return self._linears([name], x2)[0]
         xq, xs = self.be.quantize_acts(x2 if x2.flags.c_contiguous else self.xp.ascontiguousarray(x2))
         w = self.linear[name]
         if self.dequantized:
@@ -648,9 +687,10 @@ class Engine:
         b, t, d = x.shape
         hd = c.head_dim
         x2 = x.reshape(b * t, d)
-        q = self._linear(p + "wq", x2).reshape(b, t, c.n_heads, hd)
-        k = self._linear(p + "wk", x2).reshape(b, t, c.n_kv_heads, hd)
-        v = self._linear(p + "wv", x2).reshape(b, t, c.n_kv_heads, hd)
+        q, k, v = self._linears([p + "wq", p + "wk", p + "wv"], x2)
+        q = q.reshape(b, t, c.n_heads, hd)
+        k = k.reshape(b, t, c.n_kv_heads, hd)
+        v = v.reshape(b, t, c.n_kv_heads, hd)
         positions = self.xp.arange(start, start + t)
         q = _arr(be.rope(q, positions, theta=c.rope_theta))
         k = _arr(be.rope(k, positions, theta=c.rope_theta))
@@ -662,8 +702,7 @@ class Engine:
 
     def _ffn(self, p, x2):
         c, be = self.cfg, self.be
-        gate = self._linear(p + "w_gate", x2)
-        up = self._linear(p + "w_up", x2)
+        gate, up = self._linears([p + "w_gate", p + "w_up"], x2)
         hidden = _arr(be.swiglu(gate, up) if c.ffn_type == "swiglu" else be.relu2_glu(gate, up))
         if c.sub_norm:
             hidden = self._rmsnorm(hidden, p + "sub_norm")
@@ -692,15 +731,16 @@ class Engine:
         h, dk, dv = c.dn_heads, c.dn_key_dim, c.dn_value_dim
         x2 = x.reshape(b * t, d)
         x64 = x2.astype(F64)
-        q = _arr(be.l2_normalize(self._linear(p + "wq", x2).astype(F64).reshape(b, t, h, dk)))
-        k = _arr(be.l2_normalize(self._linear(p + "wk", x2).astype(F64).reshape(b, t, h, dk)))
-        v = self._linear(p + "wv", x2).astype(F64).reshape(b, t, h, dv)
+        q, k, v, gate = self._linears([p + "wq", p + "wk", p + "wv", p + "wgate"], x2)
+        q = _arr(be.l2_normalize(q.astype(F64).reshape(b, t, h, dk)))
+        k = _arr(be.l2_normalize(k.astype(F64).reshape(b, t, h, dk)))
+        v = v.astype(F64).reshape(b, t, h, dv)
         g = _arr(be.deltanet_gates((x64 @ self._f64(p + "wa").T).reshape(b, t, h),
                                    self._f64(p + "dt_bias"), self._f64(p + "A_log")))
         beta = _arr(be.deltanet_beta((x64 @ self._f64(p + "wbeta").T).reshape(b, t, h)))
         o = state.run(be, start, q, k, v, beta, g).astype(F32)
         o = self._rmsnorm(o, p + "out_norm")
-        gate = self._linear(p + "wgate", x2).reshape(b, t, h, dv)
+        gate = gate.reshape(b, t, h, dv)
         o = o * _arr(be.silu(gate))
         return self._linear(p + "wo", o.reshape(b * t, h * dv)).reshape(b, t, d)
 

@@ -178,11 +178,13 @@ def test_prefill_uses_packed_gemm_and_decode_uses_packed_gemv():
     spy = Backend("spy", np, {"packed_gemm": gemm, "packed_gemv": gemv})
     cfg, model, _ = built("gqa_subln", "numpy")
     engine = Engine(loaded_from_model(model, cfg), spy)
-    n_linear = len(expected_tensors(cfg.model)[1])
+    # q/k/v and gate/up are stacked: per layer one product for q/k/v, wo, gate/up, w_down.
+    n_products = 4 * cfg.model.n_layers
+    assert len(engine.linear) == n_products < len(expected_tensors(cfg.model)[1])
     engine.feed(token_ids(6))
-    assert calls == {"gemm": n_linear, "gemv": 0}
+    assert calls == {"gemm": n_products, "gemv": 0}
     engine.step(5)
-    assert calls == {"gemm": n_linear, "gemv": n_linear}
+    assert calls == {"gemm": n_products, "gemv": n_products}
 
 
 def test_dequantized_float_path_computes_the_same_model():

@@ -30,6 +30,8 @@ from reference import nn as ref_nn
 from reference.autograd import Function, Tensor
 from reference.ops import _check_same_dtype
 
+from .dispatch import parallel_when_large
+
 _F32 = np.dtype(np.float32)
 
 # --- scalar helpers ----------------------------------------------------------------------
@@ -164,7 +166,7 @@ def _arr(a):
 # --- RMSNorm -------------------------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
+@parallel_when_large(cache=True, fastmath=False, error_model="numpy")
 def _rmsnorm_forward(x, w, eps, y, rstd):
     n, d = x.shape
     for i in prange(n):
@@ -174,7 +176,7 @@ def _rmsnorm_forward(x, w, eps, y, rstd):
             y[i, j] = (x[i, j] * r) * w[j]
 
 
-@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
+@parallel_when_large(cache=True, fastmath=False, error_model="numpy")
 def _rmsnorm_backward(x, w, rstd, gy, gx, gw_parts, chunks, want_gx, want_gw):
     """gx = rstd (g_hat - x_hat mean(g_hat x_hat)), g_hat = gy w; gw partial sums per chunk."""
     n, d = x.shape
@@ -247,7 +249,7 @@ def rmsnorm(x, w, eps=1e-6):
 # --- gated FFN units -----------------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
+@parallel_when_large(cache=True, fastmath=False, error_model="numpy")
 def _swiglu_forward(gate, up, y):
     n = gate.shape[0]
     for i in prange(n):
@@ -255,7 +257,7 @@ def _swiglu_forward(gate, up, y):
         y[i] = (g * _sigmoid(g)) * up[i]
 
 
-@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
+@parallel_when_large(cache=True, fastmath=False, error_model="numpy")
 def _swiglu_backward(gate, up, gy, g_gate, g_up, want_gate, want_up):
     n = gate.shape[0]
     one = np.float32(1.0)
@@ -268,7 +270,7 @@ def _swiglu_backward(gate, up, gy, g_gate, g_up, want_gate, want_up):
             g_up[i] = gy[i] * (g * s)
 
 
-@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
+@parallel_when_large(cache=True, fastmath=False, error_model="numpy")
 def _relu2_glu_forward(gate, up, y):
     n = gate.shape[0]
     for i in prange(n):
@@ -277,7 +279,7 @@ def _relu2_glu_forward(gate, up, y):
         y[i] = r * r * up[i]
 
 
-@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
+@parallel_when_large(cache=True, fastmath=False, error_model="numpy")
 def _relu2_glu_backward(gate, up, gy, g_gate, g_up, want_gate, want_up):
     n = gate.shape[0]
     for i in prange(n):
@@ -353,7 +355,7 @@ def relu2_glu(gate, up):
 # --- RoPE ----------------------------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
+@parallel_when_large(cache=True, fastmath=False, error_model="numpy")
 def _rope_rotate(x, cos, sin, sign, y):
     """y[r, h] = rotate(x[r, h]) by row r's angles; ``sign = -1`` rotates backwards."""
     rows, heads, hd = x.shape
@@ -418,7 +420,7 @@ def rope(x, positions, theta=10000.0):
 # --- softmax -------------------------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
+@parallel_when_large(cache=True, fastmath=False, error_model="numpy")
 def _softmax_rows(x, y):
     n, v = x.shape
     for i in prange(n):
@@ -430,7 +432,7 @@ def _softmax_rows(x, y):
             y[i, j] = y[i, j] * inv
 
 
-@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
+@parallel_when_large(cache=True, fastmath=False, error_model="numpy")
 def _softmax_backward_rows(y, gy, gx):
     n, v = y.shape
     for i in prange(n):
@@ -475,7 +477,7 @@ def softmax(x, axis=-1):
 # --- attention -----------------------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
+@parallel_when_large(cache=True, fastmath=False, error_model="numpy")
 def _attention_probs(scores, t_len, s_len, scale, causal):
     """In place: scores [P, R, S] -> softmax(scale * scores) per row, causal rows masked.
 
@@ -500,7 +502,7 @@ def _attention_probs(scores, t_len, s_len, scale, causal):
             row[j] = 0
 
 
-@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
+@parallel_when_large(cache=True, fastmath=False, error_model="numpy")
 def _attention_score_grad(probs, gp, scale):
     """In place: gp -> probs * (gp - rowsum(gp * probs)) * scale (the softmax backward)."""
     planes, rows, keys = probs.shape
@@ -574,7 +576,7 @@ def attention(q, k, v, causal=True, scale=None):
 # --- cross-entropy -------------------------------------------------------------------------
 
 
-@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
+@parallel_when_large(cache=True, fastmath=False, error_model="numpy")
 def _ce_rows(logits, targets, valid, lse, losses):
     """Per row: lse = max + log(sum exp(x - max)); loss = lse - x[target] (0 where ignored)."""
     n, v = logits.shape
@@ -589,7 +591,7 @@ def _ce_rows(logits, targets, valid, lse, losses):
         losses[i] = l - row[targets[i]] if valid[i] else np.float32(0.0)
 
 
-@njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
+@parallel_when_large(cache=True, fastmath=False, error_model="numpy")
 def _ce_backward_rows(logits, targets, lse, coef, g):
     """g = coef_i (softmax(logits_i) - onehot(target_i)), one pass."""
     n, v = logits.shape

@@ -106,7 +106,7 @@ def prepare_packed(packed, scales, group_size, kernel=None):
 
 # Below this many multiply-adds a product runs in the calling thread: waking the thread pool
 # costs tens of microseconds on a busy machine, more than the product itself.
-PARALLEL_MIN_MACS = 1 << 21
+PARALLEL_MIN_MACS = 1 << 23
 
 
 def _run(handle, xq2, xs64):
