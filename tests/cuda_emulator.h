@@ -96,6 +96,13 @@ inline std::function<void()> body;
 inline std::vector<unsigned char> dynamic_shared;
 inline std::vector<uint64_t> warp_slots;  // 32 lanes x 8 words per warp, for warp collectives
 inline char error[256] = "";
+// How the scheduler interleaves threads: 0 resumes every runnable thread by index, so warps
+// advance in step from one collective to the next; 1 the same in reverse; 2 runs one warp
+// as far as it can go (to a __syncthreads() or its end) before the next warp starts. A
+// missing __syncthreads() lets a thread read shared memory another has not written yet, or
+// overwrite what another has not read yet; which of these go wrong depends on the
+// interleaving, so the tests run all three.
+inline int schedule = 0;
 
 // From a fiber back to the scheduler, and from the scheduler into fiber f.
 inline void to_scheduler() {
@@ -160,7 +167,7 @@ inline void start_fiber(Fiber& f, char* stack) {
 inline int release_barriers() {
     int n = (int)fibers.size(), warps = (n + 31) / 32;
     bool released = false;
-    for (int w = 0; w < warps; ++w) {
+    for (int w = 0; w < warps && !(released && schedule == 2); ++w) {
         int waiting = 0, alive = 0;
         for (int i = w * 32; i < n && i < w * 32 + 32; ++i) {
             if (fibers[i].state != DONE) ++alive;
@@ -198,11 +205,11 @@ inline int launch(dim3 grid, dim3 block, size_t shared_bytes, std::function<void
     fibers.assign(n, Fiber{});
     if (stacks.size() < n * kStackBytes) stacks.resize(n * kStackBytes);
     warp_slots.assign(((n + 31) / 32) * 32 * 8, 0);
-    dynamic_shared.assign(shared_bytes + 16, 0xA5);  // uninitialised on a GPU: poison it
     for (unsigned bz = 0; bz < grid.z; ++bz)
         for (unsigned by = 0; by < grid.y; ++by)
             for (unsigned bx = 0; bx < grid.x; ++bx) {
                 block_idx = dim3(bx, by, bz);
+                dynamic_shared.assign(shared_bytes + 16, 0xA5);  // uninitialised on a GPU: poison it
                 for (size_t i = 0; i < n; ++i) {
                     Fiber& f = fibers[i];
                     f.tid = dim3(i % block.x, (i / block.x) % block.y, i / ((size_t)block.x * block.y));
@@ -213,11 +220,24 @@ inline int launch(dim3 grid, dim3 block, size_t shared_bytes, std::function<void
                 }
                 for (;;) {
                     bool all_done = true;
-                    for (auto& f : fibers) {
+                    size_t lo = 0, hi = n;  // the threads this pass may run
+                    if (schedule == 2) {
+                        size_t first = 0;
+                        while (first < n && fibers[first].state != RUNNING) ++first;
+                        if (first < n) lo = first / 32 * 32, hi = lo + 32 < n ? lo + 32 : n;
+                    }
+                    for (size_t j = lo; j < hi; ++j) {
+                        Fiber& f = fibers[schedule == 1 ? n - 1 - j : j];
                         if (f.state == RUNNING) run_fiber(f);
+                    }
+                    for (auto& f : fibers) {
+                        if (f.state == RUNNING) { all_done = false; break; }
                         if (f.state != DONE) all_done = false;
                     }
                     if (all_done) break;
+                    bool runnable = false;
+                    for (auto& f : fibers) runnable = runnable || f.state == RUNNING;
+                    if (runnable) continue;
                     if (!release_barriers()) {
                         snprintf(error, sizeof error,
                                  "deadlock in block (%u, %u, %u): some threads wait at a barrier that others never reach",

@@ -56,6 +56,7 @@ def _host_source(source):
             f"                       [&] {{ {name}({', '.join(names)}); }});\n"
             "}\n")
     launchers.append('extern "C" const char* emu_error() { return emu::error; }\n')
+    launchers.append('extern "C" void emu_set_schedule(int order) { emu::schedule = order; }\n')
     return source + "\n" + "".join(launchers)
 
 
@@ -77,6 +78,12 @@ def _build(source):
             raise RuntimeError(f"the CUDA emulator could not compile the kernels:\n{done.stderr[-4000:]}")
         os.replace(tmp, lib)
     return ctypes.CDLL(str(lib))
+
+
+# How the emulator interleaves a block's threads (see cuda_emulator.h): "forward" and
+# "reverse" advance all warps in step, "warpwise" runs one warp ahead as far as it can go.
+SCHEDULES = ("forward", "reverse", "warpwise")
+schedule = "forward"
 
 
 _SCALARS = {
@@ -116,6 +123,7 @@ class _Kernel:
         self.max_dynamic_shared_size_bytes = 48 * 1024
 
     def __call__(self, grid, block, args, shared_mem=0, stream=None):
+        self._lib.emu_set_schedule(ctypes.c_int(SCHEDULES.index(schedule)))
         if self._fn(*_dims(grid), *_dims(block), ctypes.c_size_t(int(shared_mem)), *map(_c_arg, args)):
             message = ctypes.cast(self._lib.emu_error, ctypes.CFUNCTYPE(ctypes.c_char_p))()
             raise RuntimeError(f"kernel {self.name}: {message.decode()}")

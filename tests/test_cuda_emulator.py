@@ -43,6 +43,15 @@ extern "C" __global__ void divergent(float* __restrict__ out) {
     out[threadIdx.x] = v;
 }
 
+// Reads a neighbour's shared-memory slot with or without the barrier it needs.
+extern "C" __global__ void neighbour(int* __restrict__ out, int with_barrier) {
+    extern __shared__ int slots[];
+    int t = threadIdx.x, n = blockDim.x;
+    slots[t] = t;
+    if (with_barrier) __syncthreads();
+    out[t] = slots[(t + 1) % n];
+}
+
 // One m16n8k32 int8 MMA with the fragments loaded by the PTX ISA's layout.
 extern "C" __global__ void mma_tile(const signed char* __restrict__ A, const signed char* __restrict__ B,
                                     int* __restrict__ D) {
@@ -121,3 +130,20 @@ def test_mma_fragment_layout_multiplies_the_tiles(module):
 def test_kernel_arguments_need_fixed_width_scalars(module):
     with pytest.raises(TypeError, match="numpy scalars"):
         module.get_function("block_sums")((1,), (32,), (np.zeros(4, np.float32), np.zeros(1, np.float32), 4))
+
+
+def test_schedules_expose_a_missing_barrier(module, monkeypatch):
+    n = 64
+    want = (np.arange(n) + 1) % n
+    results = {}
+    for schedule in cuda_emulator.SCHEDULES:
+        monkeypatch.setattr(cuda_emulator, "schedule", schedule)
+        for barrier in (1, 0):
+            out = np.zeros(n, np.int32)
+            module.get_function("neighbour")((2,), (n,), (out, np.int32(barrier)), shared_mem=4 * n)
+            results[schedule, barrier] = out
+        assert np.array_equal(results[schedule, 1], want), schedule
+    # Without the barrier every order reads some slot before its owner wrote it, and the
+    # orders disagree on which.
+    assert all(not np.array_equal(results[s, 0], want) for s in cuda_emulator.SCHEDULES)
+    assert not np.array_equal(results["forward", 0], results["reverse", 0])

@@ -39,16 +39,21 @@ pytestmark = pytest.mark.triangle
 
 # "cupy-emulated" is the cupy backend with its kernels compiled for the CPU (cuda_emulator.py),
 # so the kernels' logic is checked on machines without a GPU.
-BACKENDS = ["numba", "cupy", "cupy-emulated"]
+# "cupy-emulated-reverse" and "cupy-emulated-warpwise" run the same with the emulator
+# interleaving threads differently, which exposes a missing __syncthreads() that one order
+# happens to hide.
+EMULATED = {"cupy-emulated": "forward", "cupy-emulated-reverse": "reverse", "cupy-emulated-warpwise": "warpwise"}
+BACKENDS = ["numba", "cupy", *EMULATED]
 TOL = 1e-5
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request):
-    if request.param == "cupy-emulated":
+def backend(request, monkeypatch):
+    if request.param in EMULATED:
         reason = cuda_emulator.unavailable_reason()
         if reason is not None:
             pytest.skip(f"the CUDA emulator cannot run here: {reason}")
+        monkeypatch.setattr(cuda_emulator, "schedule", EMULATED[request.param])
         return cuda_emulator.emulated_cupy_backend()
     reason = backends.unavailable_reason(request.param)
     if reason is not None:
