@@ -20,5 +20,16 @@ print("python", sys.version.split()[0], "cupy", cupy.__version__,
 PY
 } 2>&1 | tee "$OUT/device.txt"
 timeout 240 "$PY" -m pytest -q -p no:cacheprovider -m "triangle or gpu" -k "not emulated" tests/test_triangle.py tests/test_cupy_compile.py 2>&1 | tail -40 | tee "$OUT/triangle.txt"
-timeout 300 "$PY" scripts/bench_gpu.py --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench.txt"
+timeout 240 "$PY" scripts/bench_gpu.py --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench.txt"
+# Out-of-bounds accesses and shared-memory races are what the CPU emulator cannot show:
+# run the cupy Triangle once more under compute-sanitizer (last, so it cannot crowd out the
+# results above).
+# Worst case with the timeouts: 240 + 240 + 90 s, inside a 10-minute device call;
+# SANITIZE_RACES=1 adds racecheck (another 90 s).
+if command -v compute-sanitizer >/dev/null; then
+  for tool in memcheck ${SANITIZE_RACES:+racecheck}; do
+    timeout 90 compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" -m pytest -q -p no:cacheprovider \
+      -m triangle -k "cupy and not emulated" tests/test_triangle.py 2>&1 | tail -30 | tee "$OUT/sanitizer_$tool.txt"
+  done
+fi
 echo "results in $OUT"
