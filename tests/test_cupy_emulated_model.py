@@ -50,16 +50,25 @@ def cupy_is_emulated(monkeypatch, emulated):
     return emulated
 
 
-def test_training_on_emulated_cupy_follows_numpy(tmp_path, cupy_is_emulated):
-    """8 steps, same seed, a tenth of the preset learning rates (see the numpy-vs-numba test
-    in test_trainer.py for why): per-step CE within 1e-3 relative."""
+# Every feature whose ops the cupy backend overrides: mHC with per-token coefficients, MoE,
+# a DeltaNet block, MTP heads, Collider filtering, 8-bit Muon momentum and GaLore.
+EVERYTHING = ["model.n_streams=2", "model.mhc_mode=dynamic", "model.n_layers=3", "model.deltanet_layers=[1]",
+              "model.n_experts=4", "model.moe_top_k=2", "model.moe_layers=[2]", "model.mtp_n_tokens=1",
+              "train.collider_sparsity=0.25", "optim.muon_8bit=true", "optim.galore=true", "optim.galore_rank=16",
+              "optim.galore_min_dim=64"]
+
+
+@pytest.mark.parametrize("features, steps", [([], 8), (EVERYTHING, 4)], ids=["plain", "everything"])
+def test_training_on_emulated_cupy_follows_numpy(tmp_path, cupy_is_emulated, features, steps):
+    """Same seed, a tenth of the preset learning rates (see the numpy-vs-numba test in
+    test_trainer.py for why): per-step CE within 1e-3 relative."""
     curves = {}
     for backend in ("numpy", "cupy"):
-        cfg = tiny_config(f"train.backend={backend}", "train.steps=8", "optim.warmup_steps=8",
-                          "optim.muon_lr=0.002", "optim.embedding_lr=0.001", "optim.adamw_lr=0.0003")
+        cfg = tiny_config(f"train.backend={backend}", f"train.steps={steps}", f"optim.warmup_steps={steps}",
+                          "optim.muon_lr=0.002", "optim.embedding_lr=0.001", "optim.adamw_lr=0.0003", *features)
         trainer = make_trainer(cfg, tmp_path / backend)
         assert trainer.be.name == ("cupy-emulated" if backend == "cupy" else "numpy")
         trainer.train()
         curves[backend] = np.array([r["ce"] for r in train_records(trainer.out_dir)])
-    assert curves["numpy"].shape == (8,)
+    assert curves["numpy"].shape == (steps,)
     np.testing.assert_allclose(curves["cupy"], curves["numpy"], rtol=1e-3)
