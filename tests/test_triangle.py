@@ -383,6 +383,11 @@ def _check_attention(be, rng):
         (2, 6, 9, 2, 2, 8, 4, {"causal": False}),
         (1, 4, 6, 1, 1, 2, 2, {}),  # causal with S > T: queries are the last T positions
         (1, 3, 3, 2, 2, 16, 16, {"scale": 4.0}),  # sharp softmax
+        # Past one 16 x 16 tile of the cupy kernels in both directions, with tails:
+        (2, 37, 45, 4, 2, 24, 40, {}),  # causal, S > T, GQA
+        (1, 33, 20, 2, 1, 128, 128, {"causal": False}),  # the largest head the kernels take
+        (1, 17, 17, 3, 3, 5, 7, {"scale": 0.5}),
+        (1, 3, 3, 1, 1, 130, 4, {}),  # a head too large for the cupy kernels: the reference
     ]
     for b, t, s, hq, hkv, hd, dv, options in cases:
         q = rng.standard_normal((b, t, hq, hd))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from importlib import resources
 
 NVRTC_OPTIONS = ("-std=c++17",)
-KERNEL_FILES = ("ternary.cu", "nn.cu", "optim.cu", "mhc.cu")
+KERNEL_FILES = ("ternary.cu", "nn.cu", "optim.cu", "mhc.cu", "attention.cu")
 # Extra NVRTC options per file: the optimizer kernels must not fuse multiply-adds, so that
 # they round like the reference's separate float32 operations.
 FILE_OPTIONS = {"optim.cu": ("--fmad=false",)}

@@ -465,6 +465,59 @@ def rope(x, positions, theta=10000.0):
     return RoPE.apply(x, pd, theta=theta)
 
 
+# Attention tiles (kernels/attention.cu): 16 x 16 (query, key) pairs, 128 threads, head
+# dimensions up to 128; larger heads run on the reference.
+_FA_TILE, _FA_THREADS, _FA_MAX_DIM = 16, 128, 128
+
+
+class FlashAttention(Function):
+    """``reference.nn.Attention`` without the [T, S] probabilities: the forward keeps the
+    log-sum-exp per query row, the backward recomputes probabilities tile by tile. Memory is
+    O(T) per head instead of O(T * S)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal=True, scale=None):
+        b, t, hq, hd = q.shape
+        s_len, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+        scale = float(1.0 / math.sqrt(hd) if scale is None else scale)
+        q, k, v = _f32(q), _f32(k), _f32(v)
+        out = cp.empty((b, t, hq, dv), dtype=cp.float32)
+        lse = cp.empty((b, hq, t), dtype=cp.float32)
+        dims = (cp.int32(t), cp.int32(s_len), cp.int32(hq), cp.int32(hkv), cp.int32(hd), cp.int32(dv),
+                cp.float32(scale), cp.int32(bool(causal)))
+        _kernel("attention.cu", "attention_fwd")(((t + _FA_TILE - 1) // _FA_TILE, b * hq), (_FA_THREADS,),
+                                                 (q, k, v, out, lse, *dims))
+        ctx.save(q, k, v, out, lse, dims)
+        return out
+
+    @staticmethod
+    def backward(ctx, gy):
+        q, k, v, out, lse, dims = ctx.saved
+        b, t, hq, hd = q.shape
+        s_len, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+        gy = _f32(gy)
+        row_terms = cp.empty((b, hq, t), dtype=cp.float32)
+        rows = b * hq * t
+        _kernel("attention.cu", "attention_bwd_rowdot")(_blocks(rows, _THREADS // 32), (_THREADS,),
+                                                        (gy, out, row_terms, cp.int32(rows), cp.int32(t), cp.int32(hq), cp.int32(dv)))
+        gq = cp.empty_like(q)
+        gk, gv = cp.empty_like(k), cp.empty_like(v)
+        _kernel("attention.cu", "attention_bwd_dq")(((t + _FA_TILE - 1) // _FA_TILE, b * hq), (_FA_THREADS,),
+                                                    (q, k, v, gy, lse, row_terms, gq, *dims))
+        _kernel("attention.cu", "attention_bwd_dkdv")(((s_len + _FA_TILE - 1) // _FA_TILE, b * hkv), (_FA_THREADS,),
+                                                      (q, k, v, gy, lse, row_terms, gk, gv, *dims))
+        return gq, gk, gv
+
+
+def attention(q, k, v, causal=True, scale=None):
+    """GQA attention (SPEC 5): q [B, T, Hq, hd], k [B, S, Hkv, hd], v [B, S, Hkv, dv] -> [B, T, Hq, dv]."""
+    qd, kd, vd = _data(q), _data(k), _data(v)
+    ref_nn._check_attention_shapes(qd, kd, vd, causal)
+    if not _all_f32(qd, kd, vd) or 0 in qd.shape or 0 in kd.shape or max(qd.shape[3], vd.shape[3]) > _FA_MAX_DIM:
+        return ref_nn.attention(q, k, v, causal=causal, scale=scale)
+    return FlashAttention.apply(q, k, v, causal=causal, scale=scale)
+
+
 class Softmax(Function):
     """``reference.nn.Softmax``: one block per row over the last axis (another axis is moved
     last and back, on the device)."""
@@ -740,6 +793,7 @@ OPS = {
     "cross_entropy": cross_entropy,
     "cross_entropy_per_token": cross_entropy_per_token,
     "rope": rope,
+    "attention": attention,
     "softmax": softmax,
     "mhc_pre": mhc_pre,
     "mhc_post": mhc_post,
