@@ -28,6 +28,7 @@ SHAPES = {
     "gemm": {"full": (8192, 4096, 4096, 256), "small": (40, 128, 256, 64)},  # n, m, k, g
     "gemv": {"full": (8192, 8192, 256), "small": (96, 512, 128)},  # m, k, g
     "linear": {"full": (8192, 4096, 4096), "small": (40, 256, 128)},  # n, k, m
+    "attention": {"full": (16, 1024, 12, 64), "small": (1, 40, 2, 16)},  # b, t, heads, head_dim
 }
 
 
@@ -150,6 +151,32 @@ def bench_ternary_linear(ctx, results):
     }
 
 
+def bench_attention(ctx, results):
+    """The backend's attention (no score matrix) against the reference on the same arrays
+    (cuBLAS products, probabilities kept for the backward), forward + backward, causal."""
+    from reference import nn as ref_nn
+    from reference.autograd import Tensor
+
+    be, xp = ctx.be, ctx.be.xp
+    b, t, h, hd = SHAPES["attention"][ctx.size]
+    rng = np.random.default_rng(4)
+    arrays = [xp.asarray(rng.standard_normal((b, t, h, hd)), dtype=xp.float32) for _ in range(3)]
+    gy = xp.asarray(rng.standard_normal((b, t, h, hd)), dtype=xp.float32)
+
+    def run(op):
+        tensors = [Tensor(a, requires_grad=True) for a in arrays]
+        op(*tensors, causal=True).backward(gy)
+        return tensors
+
+    got, want = run(be.attention), run(ref_nn.attention)
+    err = max(rel_err(xp, g.grad, w.grad) for g, w in zip(got, want))
+    t_kernel, t_ref = ctx.time(lambda: run(be.attention), repeats=5), ctx.time(lambda: run(ref_nn.attention), repeats=5)
+    results[f"attention_fwd_bwd_b{b}_t{t}_h{h}_d{hd}"] = {
+        "kernel_seconds": t_kernel, "reference_seconds": t_ref, "speedup_vs_reference": t_ref / t_kernel,
+        "reference_probability_bytes": 4 * b * h * t * t, "max_rel_err_of_gradients": err,
+    }
+
+
 def bench_training(ctx, results, preset, steps=5):
     from nanochat.config import load_config
     from nanochat.loader import BatchLoader
@@ -182,7 +209,7 @@ def bench_training(ctx, results, preset, steps=5):
 
 
 SECTIONS = (
-    ("gemm", bench_gemm), ("gemv", bench_gemv), ("ternary_linear", bench_ternary_linear),
+    ("gemm", bench_gemm), ("gemv", bench_gemv), ("ternary_linear", bench_ternary_linear), ("attention", bench_attention),
     ("train_tiny", lambda c, r: bench_training(c, r, "tiny")),
     ("train_nano_125m", lambda c, r: bench_training(c, r, "nano_125m", steps=3)),
 )

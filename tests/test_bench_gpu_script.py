@@ -30,5 +30,7 @@ def test_gpu_benchmark_script_dry_run(tmp_path, monkeypatch):
     assert gemm["kernel"] == "mma" and gemm["rel_err_vs_float64_40_tokens"] < 1e-6
     gemv = next(v for k, v in results.items() if k.startswith("gemv_"))
     assert gemv["rel_err_vs_float64"] < 1e-6
+    attention = next(v for k, v in results.items() if k.startswith("attention_"))
+    assert attention["max_rel_err_of_gradients"] < 1e-5
     for preset in ("tiny", "nano_125m"):
         assert results[f"train_step_{preset}"]["backend"] == "cupy-emulated"
