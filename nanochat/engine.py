@@ -165,6 +165,25 @@ def load_model(path):
     raise ValueError(f"model path {p} does not exist (give a .gguf file or a checkpoint directory).")
 
 
+def random_model(cfg, seed=0):
+    """A ``LoadedModel`` with random weights for the config ``cfg`` (for speed measurements:
+    decode time does not depend on the values). Trits are uniform over {-1, 0, +1}, scales
+    fp16-exact, norms one, other floats N(0, 0.02)."""
+    from nanochat import gguf_io
+    from reference.ternary import pack_ternary
+
+    rng = np.random.default_rng(seed)
+    floats, ternary = expected_tensors(cfg.model)
+    f = {name: np.ones(shape, F32) if name.endswith("norm") else (rng.standard_normal(shape) * 0.02).astype(F32)
+         for name, shape in floats.items()}
+    t = {}
+    for name, (m, k) in ternary.items():
+        q = rng.integers(-1, 2, size=(m, k), dtype=np.int8)
+        scales = rng.uniform(0.01, 0.05, size=(m, k // cfg.model.group_size)).astype(np.float16).astype(F32)
+        t[name] = (pack_ternary(q), scales)
+    return gguf_io.LoadedModel(config=cfg, floats=f, ternary=t, tokenizer_json=None, source=f"random weights, seed {seed}")
+
+
 # --------------------------------------------------------------------------------- caches
 class KVCache:
     """Keys (after RoPE) and values of one attention layer: float64 ``[B, capacity, Hkv, hd]``."""

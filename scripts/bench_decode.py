@@ -18,7 +18,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -27,27 +26,7 @@ from nanochat.bench import cpu_name as _report_cpu_name
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nanochat.config import count_parameters, load_config  # noqa: E402
-from nanochat.engine import Engine, expected_tensors  # noqa: E402
-from reference.ternary import pack_ternary  # noqa: E402
-
-
-def random_loaded(cfg, seed=0):
-    """A LoadedModel-shaped object with random weights for ``cfg`` (a Config)."""
-    rng = np.random.default_rng(seed)
-    floats, ternary = expected_tensors(cfg.model)
-    f = {}
-    for name, shape in floats.items():
-        if name.endswith("norm"):
-            f[name] = np.ones(shape, np.float32)
-        else:
-            f[name] = (rng.standard_normal(shape) * 0.02).astype(np.float32)
-    t = {}
-    g = cfg.model.group_size
-    for name, (m, k) in ternary.items():
-        q = rng.integers(-1, 2, size=(m, k), dtype=np.int8)
-        scales = rng.uniform(0.01, 0.05, size=(m, k // g)).astype(np.float16).astype(np.float32)
-        t[name] = (pack_ternary(q), scales)
-    return SimpleNamespace(config=cfg, floats=f, ternary=t, tokenizer_json=None, source=f"random {cfg.model}")
+from nanochat.engine import Engine, random_model  # noqa: E402
 
 
 def cpu_name():
@@ -95,7 +74,7 @@ def main(argv=None):
     for name in args.configs:
         cfg = load_config(name)
         n_params = count_parameters(cfg.model)["total"]
-        loaded = random_loaded(cfg)
+        loaded = random_model(cfg)
         n_ternary = sum(packed.shape[0] * packed.shape[1] * 4 for packed, _ in loaded.ternary.values())
         prompt = np.random.default_rng(1).integers(0, cfg.model.vocab_size, args.prompt)
         print(f"\n{name}: {n_params / 1e6:.1f}M parameters ({n_ternary / 1e6:.1f}M ternary), "
