@@ -64,7 +64,7 @@ def _host_source(source):
 def _build(source):
     text = _host_source(source)
     header = HEADER.read_text()
-    key = hashlib.sha256((header + text).encode()).hexdigest()[:16]
+    key = hashlib.sha256((compiler() + header + text).encode()).hexdigest()[:16]
     CACHE.mkdir(parents=True, exist_ok=True)
     lib = CACHE / f"kernels-{key}.so"
     if not lib.exists():
