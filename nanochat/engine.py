@@ -632,6 +632,9 @@ class Engine:
         cache.reserve(xp, start + t)
         n, d = c.n_streams, c.dim
         with no_grad():
+            # RoPE tables of these positions, shared by every attention layer (the same float32
+            # tables the training forward's rope builds).
+            rope = be.rope_tables(xp.arange(start, start + t), c.head_dim, c.rope_theta, F32)
             x = self.w["tok_embeddings"][xp.asarray(idx)]  # [B, T, C]
             streams = _arr(be.mhc_expand(x.reshape(b * t, d), n)) if n > 1 else None
             for i, kind in enumerate(self.layer_kinds):
@@ -641,7 +644,7 @@ class Engine:
                 def mixer(u, p=p, kind=kind, layer_cache=layer_cache):
                     un = self._rmsnorm(u, p + "attn_norm")
                     if kind == "attention":
-                        return self._attention(p + "attn.", un, layer_cache, start)
+                        return self._attention(p + "attn.", un, layer_cache, start, rope)
                     return self._deltanet(p + "delta.", un, layer_cache, start)
 
                 def ffn(u, p=p, i=i):
@@ -701,7 +704,7 @@ class Engine:
             return self.be.packed_gemv(w, xq[0], xs[0])[None, :]
         return self.be.packed_gemm(w, xq, xs)
 
-    def _attention(self, p, x, kv, start):
+    def _attention(self, p, x, kv, start, rope):
         c, be = self.cfg, self.be
         b, t, d = x.shape
         hd = c.head_dim
@@ -710,9 +713,8 @@ class Engine:
         q = q.reshape(b, t, c.n_heads, hd)
         k = k.reshape(b, t, c.n_kv_heads, hd)
         v = v.reshape(b, t, c.n_kv_heads, hd)
-        positions = self.xp.arange(start, start + t)
-        q = _arr(be.rope(q, positions, theta=c.rope_theta))
-        k = _arr(be.rope(k, positions, theta=c.rope_theta))
+        q = _arr(be.rope_rotate(q, *rope))
+        k = _arr(be.rope_rotate(k, *rope))
         kv.write(start, k, v)
         o = causal_attention(q, kv.k[:, :start + t], kv.v[:, :start + t]).reshape(b * t, c.n_heads * hd)
         if c.sub_norm:

@@ -354,6 +354,21 @@ def _check_rope(be, rng):
     compare(be, "rope", [rng.standard_normal((2, 1, 600)), np.array([7, 999_999])], label=" hd 600")
 
 
+@check("rope_rotate")
+def _check_rope_rotate(be, rng):
+    """The plain-array rotation by given tables (what the engine calls with cached tables)."""
+    for x_shape, positions in [((2, 5, 3, 8), np.arange(5)), ((1, 1, 4, 64), np.array([12345])),
+                               ((2, 3, 9, 64), rng.integers(0, 1 << 20, (2, 3))), ((7, 1, 2), np.arange(3, 10))]:
+        x = rng.standard_normal(x_shape).astype(np.float32)
+        cos, sin = reference.OPS["rope_tables"](positions, x_shape[-1], dtype=np.float32)
+        for inverse in (False, True):
+            got = be.to_numpy(be.rope_rotate(be.asarray(x), be.asarray(cos), be.asarray(sin), inverse=inverse))
+            want = reference.OPS["rope_rotate"](x.astype(np.float64), cos.astype(np.float64), sin.astype(np.float64),
+                                                inverse=inverse)
+            assert got.dtype == np.float32, f"{be.name}.rope_rotate dtype {got.dtype}"
+            assert_close(got, want, f"{be.name}.rope_rotate {x_shape} inverse={inverse}")
+
+
 @check("softmax")
 def _check_softmax(be, rng):
     for shape, scale in [((1, 1), 1.0), ((4, 33), 1.0), ((2, 3, 7), 30.0)]:

@@ -417,6 +417,20 @@ def rope(x, positions, theta=10000.0):
     return RoPE.apply(x, positions, theta=theta)
 
 
+def rope_rotate(x, cos, sin, inverse=False):
+    """``reference.nn.rope_rotate`` (plain arrays; the engine's cached tables) with the same
+    kernel as ``rope``."""
+    x, cos, sin = _arr(x), _arr(cos), _arr(sin)
+    if not (_is_f32(x, cos, sin) and x.ndim >= 3 and cos.shape == sin.shape and cos.shape[-1:] == (x.shape[-1] // 2,)
+            and x.shape[-1] % 2 == 0 and cos.shape[:-1] == x.shape[-len(cos.shape) - 1:-2]):
+        return ref_nn.rope_rotate(x, cos, sin, inverse=inverse)
+    half = x.shape[-1] // 2
+    rows = x.shape[:-2]
+    cos = np.ascontiguousarray(np.broadcast_to(cos, rows + (half,))).reshape(-1, half)
+    sin = np.ascontiguousarray(np.broadcast_to(sin, rows + (half,))).reshape(-1, half)
+    return _rotate(x, cos, sin, -1.0 if inverse else 1.0)
+
+
 # --- softmax -------------------------------------------------------------------------------
 
 
@@ -671,6 +685,7 @@ OPS = {
     "swiglu": swiglu,
     "relu2_glu": relu2_glu,
     "rope": rope,
+    "rope_rotate": rope_rotate,
     "softmax": softmax,
     "attention": attention,
     "cross_entropy": cross_entropy,
