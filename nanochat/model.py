@@ -177,7 +177,7 @@ class Model:
         h, expert_load, aux = self.trunk(idx, selection)
         hn = be.rmsnorm(h, self.params["norm"], eps=c.norm_eps)
         flat_targets = targets.reshape(-1)
-        logits = self._logits(hn.reshape(b * t, c.dim))
+        logits = self._logits(hn.reshape(b * t, c.dim), selection)
         token_losses = weights = None
         kept = 1.0
         if selection is not None or need_token_losses:
@@ -207,9 +207,11 @@ class Model:
             expert_load=expert_load, kept_fraction=kept,
         )
 
-    def _logits(self, h2):
+    def _logits(self, h2, selection=None):
+        """LM head. Under Collider its backward runs on the kept rows only: the filtered tokens'
+        loss weights are zero, so their gradient rows are zero and skipping them is exact."""
         head = self.params["tok_embeddings" if self.cfg.tie_embeddings else "lm_head"]
-        return h2 @ head.T
+        return self.be.dense_linear(h2, head, keep=selection)
 
     def logits(self, idx):
         """Full-sequence logits [B, T, V] (no loss), used for sampling and export checks."""
@@ -352,7 +354,7 @@ class Model:
             targets[:, :valid] = tokens[:, 2 + i:]
             z = h + self._bitlinear(be.rmsnorm(h, P[f"mtp.{i}.norm"], eps=c.norm_eps), f"mtp.{i}.proj", selection)
             zn = be.rmsnorm(z, P["norm"], eps=c.norm_eps)
-            logits = self._logits(zn.reshape(b * t, c.dim))
+            logits = self._logits(zn.reshape(b * t, c.dim), selection)
             if weights is None:
                 loss_i = be.cross_entropy(logits, targets.reshape(-1), ignore_index=IGNORE)
             else:

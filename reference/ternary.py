@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from .autograd import Function, Tensor, array_module
+from .ops import _check_same_dtype
 
 # Activation magnitude and weight mean below which a token/group quantizes to all zero.
 ZERO_THRESHOLD = 1e-8
@@ -285,6 +286,48 @@ def ternary_linear(x, w, group_size, keep=None):
     return TernaryLinear.apply(x, w, group_size=group_size, keep=keep)
 
 
+class DenseLinear(Function):
+    """``y = x @ W^T`` in the inputs' dtype, with ``ternary_linear``'s ``keep`` contract: the
+    backward uses only the kept rows (rows outside get zero dX and add nothing to dW).
+
+    The model's LM head uses it under Collider: the loss weights of the filtered tokens are
+    zero, so their rows of the upstream gradient are exactly zero and skipping them changes no
+    gradient, while both backward products shrink to the kept rows.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, keep=None):
+        if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
+            raise ValueError(f"dense_linear: expected x [N, K] and w [M, K], got shapes {x.shape} and {w.shape}")
+        _check_same_dtype("dense_linear", x, w)
+        if keep is not None and not isinstance(keep, RowSelection):
+            keep = _check_keep(_data(keep), x.shape[0])
+        ctx.save(x, w, keep)
+        return x @ w.T
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, keep = ctx.saved
+        rows = resolve_keep(keep, x.shape[0])
+        g_kept, x_kept = (g, x) if rows is None else (g[rows], x[rows])
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            if rows is None:
+                gx = g @ w
+            else:
+                gx = array_module(x).zeros_like(x)
+                gx[rows] = g_kept @ w
+        if ctx.needs_input_grad[1]:
+            gw = g_kept.T @ x_kept
+        return gx, gw
+
+
+def dense_linear(x, w, keep=None):
+    """``dense_linear(x [N, K], w [M, K], keep=None) -> y [N, M]`` (float, differentiable in
+    both); ``keep`` as in ``ternary_linear``."""
+    return DenseLinear.apply(x, w, keep=keep)
+
+
 # --- 2-bit packing ----------------------------------------------------------------------
 
 
@@ -401,6 +444,7 @@ OPS = {
     "quantize_acts": quantize_acts,
     "dequantize_weights": dequantize_weights,
     "ternary_linear": ternary_linear,
+    "dense_linear": dense_linear,
     "pack_ternary": pack_ternary,
     "unpack_ternary": unpack_ternary,
     "prepare_packed": prepare_packed,

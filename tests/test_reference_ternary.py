@@ -422,3 +422,45 @@ def test_ops_table_lists_every_ternary_op():
         "round_half_away", "quantize_weights", "quantize_acts", "dequantize_weights", "ternary_linear",
         "pack_ternary", "unpack_ternary", "prepare_packed", "packed_gemv", "packed_gemm",
     }
+
+
+# --- dense_linear (the LM head's linear, with ternary_linear's keep contract) ------------------
+
+
+def test_dense_linear_gradients_match_finite_differences():
+    x, w = normal(20, (5, 7)), normal(21, (3, 7))
+    assert gradcheck(lambda a, b: T.dense_linear(a, b), [x, w])
+    np.testing.assert_allclose(T.dense_linear(x, w).data, x @ w.T, rtol=1e-12)
+
+
+@given(seeds, st.integers(0, 6))
+def test_dense_linear_keep_uses_only_kept_rows(seed, n_keep):
+    x, w = normal(seed, (6, 9)), normal(seed + 1, (4, 9))
+    gy = normal(seed + 2, (6, 4))
+    keep = np.sort(np.random.default_rng(seed).choice(6, n_keep, replace=False))
+    xt, wt = Tensor(x, requires_grad=True), Tensor(w, requires_grad=True)
+    T.dense_linear(xt, wt, keep=T.RowSelection(keep)).backward(gy)
+    dropped = np.setdiff1d(np.arange(6), keep)
+    np.testing.assert_array_equal(xt.grad[dropped], 0.0)
+    np.testing.assert_allclose(xt.grad[keep], gy[keep] @ w, rtol=1e-12)
+    np.testing.assert_allclose(wt.grad, gy[keep].T @ x[keep], rtol=1e-12, atol=1e-12)
+
+
+def test_dense_linear_keep_is_exact_when_dropped_rows_have_zero_gradient():
+    """The Collider case: filtered tokens' loss weights are zero, so skipping their rows gives
+    the dense gradients."""
+    x, w, gy = normal(30, (8, 16)), normal(31, (5, 16)), normal(32, (8, 5))
+    keep = np.array([0, 3, 4, 7])
+    gy[np.setdiff1d(np.arange(8), keep)] = 0.0
+    grads = []
+    for k in (None, keep):
+        xt, wt = Tensor(x, requires_grad=True), Tensor(w, requires_grad=True)
+        T.dense_linear(xt, wt, keep=k).backward(gy)
+        grads.append((xt.grad, wt.grad))
+    np.testing.assert_allclose(grads[1][0], grads[0][0], rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(grads[1][1], grads[0][1], rtol=1e-12, atol=1e-15)
+
+
+def test_dense_linear_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="dense_linear: expected x"):
+        T.dense_linear(normal(1, (3, 4)), normal(2, (2, 5)))
