@@ -419,7 +419,7 @@ def test_bad_input_is_a_clear_value_error(name):
 
 def test_ops_table_lists_every_ternary_op():
     assert set(T.OPS) == {
-        "round_half_away", "quantize_weights", "quantize_acts", "dequantize_weights", "ternary_linear",
+        "round_half_away", "quantize_weights", "quantize_acts", "dequantize_weights", "ternary_linear", "dense_linear",
         "pack_ternary", "unpack_ternary", "prepare_packed", "packed_gemv", "packed_gemm",
     }
 
