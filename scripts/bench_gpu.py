@@ -237,6 +237,22 @@ def emulated_context(size):
                            device="CPU emulator (no timings)")
 
 
+# The issue's performance targets (H100/H200, CUDA-event medians).
+TARGETS = {
+    "gemm": ("ratio_mma_vs_fp16", 1.0, "int8 x ternary GEMM >= 1.0x cuBLAS FP16 throughput"),
+    "gemv": ("fraction_of_copy_bandwidth", 0.70, "packed GEMV >= 70% of the copy bandwidth"),
+}
+
+
+def verdicts(results):
+    """PASS/FAIL per performance target, from whatever sections ran."""
+    out = {}
+    for prefix, (key, target, what) in TARGETS.items():
+        found = [v[key] for k, v in results.items() if k.startswith(prefix + "_") and isinstance(v, dict) and key in v]
+        out[what] = "not measured" if not found else f"{'PASS' if found[0] >= target else 'FAIL'} ({found[0]:.3f})"
+    return out
+
+
 def run(ctx, sections=SECTIONS):
     results = {"date": time.strftime("%Y-%m-%d"), "host": platform.node(), "device": ctx.device, "size": ctx.size}
     for name, fn in sections:
@@ -245,6 +261,8 @@ def run(ctx, sections=SECTIONS):
         except Exception:
             results[f"{name}_error"] = traceback.format_exc(limit=3)
         print(json.dumps({k: v for k, v in results.items() if k.startswith(name.split("_")[0])}, indent=1), flush=True)
+    if ctx.size == "full":
+        results["targets"] = verdicts(results)
     return results
 
 

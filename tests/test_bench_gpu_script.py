@@ -34,3 +34,14 @@ def test_gpu_benchmark_script_dry_run(tmp_path, monkeypatch):
     assert attention["max_rel_err_of_gradients"] < 1e-5
     for preset in ("tiny", "nano_125m"):
         assert results[f"train_step_{preset}"]["backend"] == "cupy-emulated"
+
+
+def test_target_verdicts_read_the_measured_ratios():
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu_verdicts", path)
+    bench_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_gpu)
+    got = bench_gpu.verdicts({"gemm_8192x4096x4096_g256": {"ratio_mma_vs_fp16": 0.8},
+                              "gemv_8192x8192_g256": {"fraction_of_copy_bandwidth": 0.75}})
+    assert list(got.values()) == ["FAIL (0.800)", "PASS (0.750)"]
+    assert set(bench_gpu.verdicts({}).values()) == {"not measured"}
