@@ -274,7 +274,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     size = "small" if args.small else "full"
-    ctx = emulated_context(size) if args.emulated else cupy_context(size)
+    try:
+        ctx = emulated_context(size) if args.emulated else cupy_context(size)
+    except (ImportError, ValueError) as exc:  # no cupy, or no usable GPU
+        print(f"error: {exc} (use --emulated --small for a dry run on the CPU)", file=sys.stderr)
+        return 2
     results = run(ctx)
     with open(args.out, "w") as fh:
         json.dump(results, fh, indent=1)
