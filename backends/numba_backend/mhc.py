@@ -65,27 +65,31 @@ def _dot(a, b):
     return s
 
 
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _weighted_sum(w, rows, out):
+    """out[c] = sum_s w[s] rows[s, c], summed in order s = 0, 1, ... (float32, like the reference)."""
+    w0 = w[0]
+    r0 = rows[0]
+    for c in range(out.shape[0]):
+        out[c] = w0 * r0[c]
+    for s in range(1, w.shape[0]):
+        ws = w[s]
+        rs = rows[s]
+        for c in range(out.shape[0]):
+            out[c] += ws * rs[c]
+
+
 # --- mhc_pre -------------------------------------------------------------------------------
 
 
 @njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
 def _pre_forward(x, h, u, n_tasks):
     """u[t] = sum_s h[t or 0, s] x[t, s]."""
-    t_len, n, c_len = x.shape
+    t_len = x.shape[0]
     per_token = h.shape[0] > 1
     for task in prange(n_tasks):
         for t in range(task * t_len // n_tasks, (task + 1) * t_len // n_tasks):
-            ht = t if per_token else 0
-            ur = u[t]
-            h0 = h[ht, 0]
-            x0 = x[t, 0]
-            for c in range(c_len):
-                ur[c] = h0 * x0[c]
-            for s in range(1, n):
-                hs = h[ht, s]
-                xs = x[t, s]
-                for c in range(c_len):
-                    ur[c] += hs * xs[c]
+            _weighted_sum(h[t if per_token else 0], x[t], u[t])
 
 
 @njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
@@ -178,16 +182,7 @@ def _post_forward(x, y, hr, hp, out, n_tasks):
             pt = t if post_per_token else 0
             _mix_rows(x[t], y[t], hp[pt], z)
             for i in range(n):
-                o = out[t, i]
-                w0 = hr[rt, i, 0]
-                z0 = z[0]
-                for c in range(c_len):
-                    o[c] = w0 * z0[c]
-                for j in range(1, n):
-                    w = hr[rt, i, j]
-                    zj = z[j]
-                    for c in range(c_len):
-                        o[c] += w * zj[c]
+                _weighted_sum(hr[rt, i], z, out[t, i])
 
 
 @njit(parallel=True, cache=True, fastmath=False, error_model="numpy")
@@ -204,27 +199,9 @@ def _post_backward(x, y, hr, hp, g, dz, dy, dres, dpost, res_parts, post_parts, 
             rt = t if res_per_token else 0
             pt = t if post_per_token else 0
             for j in range(n):
-                d = dz[t, j]
-                w0 = hr[rt, 0, j]
-                g0 = g[t, 0]
-                for c in range(c_len):
-                    d[c] = w0 * g0[c]
-                for i in range(1, n):
-                    w = hr[rt, i, j]
-                    gi = g[t, i]
-                    for c in range(c_len):
-                        d[c] += w * gi[c]
+                _weighted_sum(hr[rt, :, j], g[t], dz[t, j])
             if want_dy:
-                dyr = dy[t]
-                h0 = hp[pt, 0]
-                d0 = dz[t, 0]
-                for c in range(c_len):
-                    dyr[c] = h0 * d0[c]
-                for j in range(1, n):
-                    hj = hp[pt, j]
-                    dj = dz[t, j]
-                    for c in range(c_len):
-                        dyr[c] += hj * dj[c]
+                _weighted_sum(hp[pt], dz[t], dy[t])
             if want_dres:
                 _mix_rows(x[t], y[t], hp[pt], z)
                 for i in range(n):
