@@ -217,15 +217,20 @@ relu2_glu = ReLU2GLU.apply
 # --- RMSNorm -------------------------------------------------------------------------------
 
 
+def check_rmsnorm_args(x, w):
+    """The argument checks every backend's rmsnorm makes: w [D] matching x [..., D], same dtype."""
+    if x.ndim < 1 or w.shape != x.shape[-1:]:
+        raise ValueError(f"rmsnorm: weight shape {w.shape} must be ({x.shape[-1] if x.ndim else '?'},) "
+                         f"to match the last axis of x shape {x.shape}")
+    _check_same_dtype("rmsnorm", x, w)
+
+
 class RMSNorm(Function):
     """rmsnorm(x, w, eps=1e-6) = x / sqrt(mean(x^2, -1) + eps) * w; x [..., D], w [D] -> [..., D]."""
 
     @staticmethod
     def forward(ctx, x, w, eps=1e-6):
-        if x.ndim < 1 or w.shape != x.shape[-1:]:
-            raise ValueError(f"rmsnorm: weight shape {w.shape} must be ({x.shape[-1] if x.ndim else '?'},) "
-                             f"to match the last axis of x shape {x.shape}")
-        _check_same_dtype("rmsnorm", x, w)
+        check_rmsnorm_args(x, w)
         xp = array_module(x)
         rstd = 1.0 / xp.sqrt((x * x).mean(axis=-1, keepdims=True) + _float(eps))
         x_hat = x * rstd

@@ -280,6 +280,7 @@ def packed_gemm(handle, xq, xs):
 class RMSNorm(Function):
     @staticmethod
     def forward(ctx, x, w, eps=1e-6):
+        ref_nn.check_rmsnorm_args(x, w)
         c = x.shape[-1]
         x2 = _f32(x).reshape(-1, c)
         y = cp.empty_like(x2)

@@ -212,10 +212,7 @@ class RMSNorm(Function):
 
     @staticmethod
     def forward(ctx, x, w, eps=1e-6):
-        if x.ndim < 1 or w.shape != x.shape[-1:]:
-            raise ValueError(f"rmsnorm: weight shape {w.shape} must be ({x.shape[-1] if x.ndim else '?'},) "
-                             f"to match the last axis of x shape {x.shape}")
-        _check_same_dtype("rmsnorm", x, w)
+        ref_nn.check_rmsnorm_args(x, w)
         d = x.shape[-1]
         x2 = np.ascontiguousarray(x).reshape(int(np.prod(x.shape[:-1], dtype=np.int64)), d)
         w = np.ascontiguousarray(w)
