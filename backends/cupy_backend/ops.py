@@ -736,47 +736,21 @@ def muon8_momentum(qbuf, scales, g, *, beta, nesterov):
     return u
 
 
-def _scale_add(a, b, out, alpha, beta):
-    """out = alpha * a + beta * b (out may be b), one elementwise kernel."""
+def _scale_add(a, b, alpha, beta):
+    """b = alpha * a + beta * b in place, one elementwise kernel."""
     _kernel("nn.cu", "scale_add")(
-        _blocks(out.size), (_THREADS,), (a, b, out, cp.uint64(out.size), cp.float32(alpha), cp.float32(beta))
+        _blocks(b.size), (_THREADS,), (a, b, b, cp.uint64(b.size), cp.float32(alpha), cp.float32(beta))
     )
 
 
 def newton_schulz(u, steps=5, coefficients=None):
     """``reference.optim.newton_schulz`` for float32 matrices: the products on cuBLAS into
-    buffers allocated once, the combinations in one fused kernel each, no host sync.
-
-    Wide ``X [m, n]`` (m <= n): ``A = X X^T``, ``B = b A + c A A``, ``X <- a X + B X``; tall ones
-    use ``A = X^T X`` and ``X <- a X + X B``, the same iteration on ``X^T`` without transposing.
-    ``a X`` is added after the product instead of being folded into ``B`` as ``a I``, which
-    would cost float32 accuracy on matrices with decaying spectra.
-    """
+    buffers allocated once, the combinations in one fused kernel each, no host sync
+    (``reference.optim.newton_schulz_buffered``); other inputs run the reference."""
     if (not isinstance(u, cp.ndarray) or u.dtype != cp.float32 or u.ndim != 2 or u.size == 0
             or (coefficients is not None and len(coefficients) == 0)):
         return ref_optim.newton_schulz(u, steps=steps, coefficients=coefficients)
-    x = cp.empty(u.shape, dtype=cp.float32)
-    cp.divide(u, cp.linalg.norm(u) + cp.float32(ref_optim.NS_EPS), out=x)  # the norm stays on the device
-    wide = x.shape[0] <= x.shape[1]
-    k = min(x.shape)
-    y = cp.empty_like(x)
-    gram = cp.empty((k, k), dtype=cp.float32)
-    mix = cp.empty((k, k), dtype=cp.float32)
-    for i in range(steps):
-        a, b, c = ref_optim.NS_COEFFICIENTS if coefficients is None else coefficients[min(i, len(coefficients) - 1)]
-        if wide:
-            cp.matmul(x, x.T, out=gram)
-        else:
-            cp.matmul(x.T, x, out=gram)
-        cp.matmul(gram, gram, out=mix)
-        _scale_add(gram, mix, mix, b, c)  # B = b A + c A A
-        if wide:
-            cp.matmul(mix, x, out=y)
-        else:
-            cp.matmul(x, mix, out=y)
-        _scale_add(x, y, y, a, 1.0)  # X' = a X + B X
-        x, y = y, x
-    return x
+    return ref_optim.newton_schulz_buffered(u, steps, coefficients, _scale_add)
 
 
 OPS = {

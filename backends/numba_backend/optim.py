@@ -267,47 +267,23 @@ def muon8_momentum(qbuf, scales, g, *, beta, nesterov):
 
 
 @njit(cache=True, fastmath=False, error_model="numpy")
-def _add_scaled(y, a, x):
-    """``y = a * x + y`` over flat arrays, in place."""
-    for i in range(y.shape[0]):
-        y[i] = a * x[i] + y[i]
+def _scale_add_flat(a, b, alpha, beta):
+    """``b = alpha * a + beta * b`` over flat arrays, in place, one pass."""
+    for i in range(b.shape[0]):
+        b[i] = alpha * a[i] + beta * b[i]
+
+
+def _scale_add(a, b, alpha, beta):
+    _scale_add_flat(a.reshape(-1), b.reshape(-1), np.float32(alpha), np.float32(beta))
 
 
 def newton_schulz(u, steps=5, coefficients=None):
-    """``reference.optim.newton_schulz`` for float32 matrices with fewer flops and no temporaries.
-
-    Wide ``X [m, n]`` (m <= n): ``A = X X^T``, ``B = b A + c A A^T``, ``X <- a X + B X``;
-    tall ones use ``A = X^T X`` and ``X <- a X + X B`` (the same iteration on ``X^T``).
-    ``a X`` is added after the product, not folded into ``B`` as ``a I``: folding it costs
-    float32 accuracy on matrices with decaying spectra (measured: twice the reference's error).
-    """
+    """``reference.optim.newton_schulz`` for float32 matrices with fewer flops and no
+    temporaries (``reference.optim.newton_schulz_buffered``); other inputs run the reference."""
     if not isinstance(u, np.ndarray) or u.dtype != _F32 or u.ndim != 2 or (
             coefficients is not None and len(coefficients) == 0) or u.size == 0:
         return ref.newton_schulz(u, steps=steps, coefficients=coefficients)
-    x = np.empty(u.shape, np.float32)
-    np.divide(u, np.linalg.norm(u) + ref.NS_EPS, out=x)
-    wide = x.shape[0] <= x.shape[1]
-    k = min(x.shape)
-    y = np.empty_like(x)
-    gram = np.empty((k, k), np.float32)
-    mix = np.empty((k, k), np.float32)
-    for i in range(steps):
-        a, b, c = ref.NS_COEFFICIENTS if coefficients is None else coefficients[min(i, len(coefficients) - 1)]
-        if wide:
-            np.matmul(x, x.T, out=gram)  # ssyrk: x is one buffer read twice
-        else:
-            np.matmul(x.T, x, out=gram)
-        np.matmul(gram, gram.T, out=mix)  # A A = A A^T: ssyrk again
-        mix *= np.float32(c)
-        gram *= np.float32(b)
-        mix += gram
-        if wide:
-            np.matmul(mix, x, out=y)
-        else:
-            np.matmul(x, mix, out=y)
-        _add_scaled(y.reshape(-1), np.float32(a), x.reshape(-1))
-        x, y = y, x
-    return x
+    return ref.newton_schulz_buffered(u, steps, coefficients, _scale_add)
 
 
 OPS = {
