@@ -219,6 +219,16 @@ def resolve_keep(keep, n_rows):
     return _check_keep(_data(keep), n_rows)
 
 
+def rows_to_full(rows_grad, keep, n_rows):
+    """The full ``[n_rows, ...]`` gradient of a backward that ran on the kept rows only: the
+    kept rows' values, zero elsewhere (``keep`` None: ``rows_grad`` itself)."""
+    if keep is None:
+        return rows_grad
+    full = array_module(rows_grad).zeros((n_rows,) + rows_grad.shape[1:], rows_grad.dtype)
+    full[keep] = rows_grad
+    return full
+
+
 class TernaryLinear(Function):
     """``y = x @ W^T`` on quantized operands (forward) with the straight-through backward.
 
@@ -253,8 +263,7 @@ class TernaryLinear(Function):
     @staticmethod
     def backward(ctx, gy):
         qx, sx, qw, sw, keep, x_shape, group_size = ctx.saved
-        xp = array_module(gy)
-        m, k = qw.shape
+        m = qw.shape[0]
         gy2 = gy.reshape(-1, m).astype(np.float64)
         keep = resolve_keep(keep, gy2.shape[0])
         if keep is not None:
@@ -262,12 +271,7 @@ class TernaryLinear(Function):
         gx = gw = None
         if ctx.needs_input_grad[0]:
             w_q = dequantize_weights(qw, sw.astype(np.float64), group_size)
-            rows = gy2 @ w_q
-            if keep is None:
-                gx = rows
-            else:
-                gx = xp.zeros((int(np.prod(x_shape[:-1], dtype=np.int64)), k), np.float64)
-                gx[keep] = rows
+            gx = rows_to_full(gy2 @ w_q, keep, int(np.prod(x_shape[:-1], dtype=np.int64)))
             gx = gx.astype(sw.dtype).reshape(x_shape)
         if ctx.needs_input_grad[1]:
             x_q = qx.astype(np.float64) * sx.astype(np.float64)[:, None]
@@ -312,11 +316,7 @@ class DenseLinear(Function):
         g_kept, x_kept = (g, x) if rows is None else (g[rows], x[rows])
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            if rows is None:
-                gx = g @ w
-            else:
-                gx = array_module(x).zeros_like(x)
-                gx[rows] = g_kept @ w
+            gx = rows_to_full(g_kept @ w, rows, x.shape[0])
         if ctx.needs_input_grad[1]:
             gw = g_kept.T @ x_kept
         return gx, gw

@@ -16,7 +16,7 @@ from reference import mhc as ref_mhc
 from reference import nn as ref_nn
 from reference import optim as ref_optim
 from reference.autograd import Function, Tensor
-from reference.ternary import RowSelection, resolve_keep
+from reference.ternary import RowSelection, resolve_keep, rows_to_full
 
 from .compile import kernel_source, nvrtc_options
 
@@ -187,13 +187,7 @@ class TernaryLinear(Function):
         gk = gy2[rows]
         if ctx.needs_input_grad[0]:
             w_deq = (wq.astype(dtype).reshape(m, -1, group_size) * ws.astype(dtype)[:, :, None]).reshape(m, k)
-            gx_rows = gk @ w_deq
-            if keep is None:
-                gx = gx_rows
-            else:
-                gx = cp.zeros((gy2.shape[0], k), dtype=dtype)
-                gx[rows] = gx_rows
-            gx = gx.reshape(x_shape)
+            gx = rows_to_full(gk @ w_deq, None if keep is None else rows, gy2.shape[0]).reshape(x_shape)
         if ctx.needs_input_grad[1]:
             x_deq = xq[rows].astype(dtype) * xs[rows].astype(dtype)[:, None]
             gw = gk.T @ x_deq

@@ -233,18 +233,13 @@ class TernaryLinear(Function):
     @staticmethod
     def backward(ctx, gy):
         xq, sx, wd, keep, x_shape = ctx.saved
-        m, k = wd.shape
+        m = wd.shape[0]
         n = xq.shape[0]
         gy2 = np.ascontiguousarray(gy, dtype=np.float32).reshape(n, m)
         rows = ref.resolve_keep(keep, n)
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            if rows is None:
-                gx = gy2 @ wd
-            else:
-                gx = np.zeros((n, k), np.float32)
-                gx[rows] = gy2[rows] @ wd
-            gx = gx.reshape(x_shape)
+            gx = ref.rows_to_full((gy2 if rows is None else gy2[rows]) @ wd, rows, n).reshape(x_shape)
         if ctx.needs_input_grad[1]:
             index = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
             scaled = np.empty((index.size, m), np.float32)
