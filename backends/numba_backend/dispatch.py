@@ -1,4 +1,5 @@
-"""Numba kernels compiled twice, serial and parallel, the version picked per call by size.
+"""When a numba kernel uses the thread pool: kernels compiled twice, serial and parallel, the
+version picked per call by size, and ``n_tasks`` for kernels that split rows themselves.
 
 A parallel region wakes numba's thread pool, whose workers sleep between regions
 (``OMP_WAIT_POLICY=PASSIVE``): that costs tens of microseconds, more than a row op on one
@@ -11,9 +12,18 @@ from __future__ import annotations
 import functools
 import types
 
+import numba
 from numba import njit
 
 PARALLEL_MIN_ELEMENTS = 1 << 15
+
+
+def n_tasks(rows, elements, min_elements):
+    """How many row ranges to split a kernel into: 1 (run it in the calling thread) below
+    ``min_elements``, else one per numba thread (at most one per row)."""
+    if elements < min_elements:
+        return 1
+    return max(1, min(rows, numba.get_num_threads()))
 
 
 def parallel_when_large(**options):

@@ -17,12 +17,13 @@ What the kernels save over the reference:
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange
 
 from reference import mhc as ref
 from reference.autograd import Function, Tensor
+
+from .dispatch import n_tasks
 
 _F32 = np.dtype(np.float32)
 
@@ -39,9 +40,7 @@ def _all_f32(*arrays):
 
 
 def _tasks(tokens, elements):
-    if elements < PARALLEL_MIN_ELEMENTS:
-        return 1
-    return max(1, min(tokens, numba.get_num_threads()))
+    return n_tasks(tokens, elements, PARALLEL_MIN_ELEMENTS)
 
 
 def _streams(x):

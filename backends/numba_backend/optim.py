@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 from numba import njit, prange
 
 from reference import optim as ref
 
+from .dispatch import n_tasks
 from .nn import _f32_from_bits
 
 _F32 = np.dtype(np.float32)
@@ -37,7 +37,7 @@ PARALLEL_MIN_ELEMENTS = 1 << 18
 
 
 def _tasks(n):
-    return 1 if n < PARALLEL_MIN_ELEMENTS else max(1, numba.get_num_threads())
+    return n_tasks(n, n, PARALLEL_MIN_ELEMENTS)
 
 
 def _flat_f32(*arrays):

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import math
 
-import numba
 import numpy as np
 from numba import njit, prange
 
 from reference.autograd import Tensor
+
+from .dispatch import n_tasks
 
 ZERO_THRESHOLD = 1e-8
 ACT_LEVELS = 127
@@ -32,10 +33,7 @@ PARALLEL_MIN_ELEMENTS = 1 << 21
 
 
 def _tasks(rows, elements):
-    """How many row ranges to split a kernel into (1: run it in the calling thread)."""
-    if elements < PARALLEL_MIN_ELEMENTS:
-        return 1
-    return max(1, min(rows, numba.get_num_threads()))
+    return n_tasks(rows, elements, PARALLEL_MIN_ELEMENTS)
 
 
 def _data(a):
