@@ -405,14 +405,30 @@ def _check_handle(op, handle):
         raise ValueError(f"{op}: expected a PackedTernary from reference prepare_packed, got {type(handle).__name__}")
 
 
+def check_gemv_acts(weight_shape, xq):
+    """The activation checks of every backend's packed_gemv: int8 ``[K]`` for weights ``[M, K]``."""
+    _require_int8("packed_gemv", "xq", xq)
+    if xq.shape != (weight_shape[1],):
+        raise ValueError(f"packed_gemv: activations have shape {xq.shape}, expected ({weight_shape[1]},) for weights {weight_shape}")
+
+
+def check_gemm_acts(weight_shape, xq, xs):
+    """The argument checks of every backend's packed_gemm: int8 ``xq [N, K]``, float ``xs [N]``."""
+    _require_int8("packed_gemm", "xq", xq)
+    if xq.ndim != 2 or xq.shape[1] != weight_shape[1]:
+        raise ValueError(f"packed_gemm: activations have shape {xq.shape}, expected [N, {weight_shape[1]}] for weights {weight_shape}")
+    if not hasattr(xs, "shape") or xs.shape != (xq.shape[0],) or xs.dtype.kind != "f":
+        raise ValueError(
+            f"packed_gemm: xs must be a float array of shape ({xq.shape[0]},), got {getattr(xs, 'dtype', type(xs).__name__)} {getattr(xs, 'shape', '')}"
+        )
+
+
 def packed_gemv(handle, xq, xs):
     """``packed_gemv(handle, xq int8 [K], xs scalar) -> float32 [M]``:
     ``y[r] = xs * sum_g scales[r, g] * sum_{k in g} xq[k] * q[r, k]``."""
     _check_handle("packed_gemv", handle)
     xq = _data(xq)
-    _require_int8("packed_gemv", "xq", xq)
-    if xq.shape != (handle.shape[1],):
-        raise ValueError(f"packed_gemv: activations have shape {xq.shape}, expected ({handle.shape[1]},) for weights {handle.shape}")
+    check_gemv_acts(handle.shape, xq)
     xp = array_module(xq, handle.q)
     xs64 = xp.asarray(_data(xs), dtype=np.float64)
     if xs64.ndim != 0:
@@ -425,15 +441,8 @@ def packed_gemm(handle, xq, xs):
     """``packed_gemm(handle, xq int8 [N, K], xs float [N]) -> float32 [N, M]``:
     ``y[n, r] = xs[n] * sum_g scales[r, g] * sum_{k in g} xq[n, k] * q[r, k]``."""
     _check_handle("packed_gemm", handle)
-    xq = _data(xq)
-    _require_int8("packed_gemm", "xq", xq)
-    if xq.ndim != 2 or xq.shape[1] != handle.shape[1]:
-        raise ValueError(f"packed_gemm: activations have shape {xq.shape}, expected [N, {handle.shape[1]}] for weights {handle.shape}")
-    xs = _data(xs)
-    if not hasattr(xs, "shape") or xs.shape != (xq.shape[0],) or xs.dtype.kind != "f":
-        raise ValueError(
-            f"packed_gemm: xs must be a float array of shape ({xq.shape[0]},), got {getattr(xs, 'dtype', type(xs).__name__)} {getattr(xs, 'shape', '')}"
-        )
+    xq, xs = _data(xq), _data(xs)
+    check_gemm_acts(handle.shape, xq, xs)
     acc = _grouped_dot(xq, handle.q, handle.scales, handle.group_size)
     return (xs.astype(np.float64)[:, None] * acc).astype(np.float32)
 

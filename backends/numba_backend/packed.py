@@ -15,6 +15,8 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from reference import ternary as ref
+
 from . import cpu_features, packed_plain, packed_x86
 from .quant import _data
 
@@ -131,19 +133,12 @@ def _check_handle(op, handle):
         raise ValueError(f"{op}: expected a PackedHandle from the numba backend's prepare_packed, got {type(handle).__name__}")
 
 
-def _check_int8(op, xq):
-    if not hasattr(xq, "dtype") or xq.dtype != np.int8:
-        raise ValueError(f"{op}: xq must be an int8 array, got dtype {getattr(xq, 'dtype', type(xq).__name__)}")
-
-
 def packed_gemv(handle, xq, xs):
     """``packed_gemv(handle, xq int8 [K], xs scalar) -> float32 [M]``:
     ``y[r] = xs * sum_g scales[r, g] * sum_{k in g} xq[k] * q[r, k]``."""
     _check_handle("packed_gemv", handle)
     xq = _data(xq)
-    _check_int8("packed_gemv", xq)
-    if xq.shape != (handle.shape[1],):
-        raise ValueError(f"packed_gemv: activations have shape {xq.shape}, expected ({handle.shape[1]},) for weights {handle.shape}")
+    ref.check_gemv_acts(handle.shape, xq)
     xs64 = np.asarray(_data(xs), dtype=np.float64)
     if xs64.ndim != 0:
         raise ValueError(f"packed_gemv: xs must be a scalar, got shape {xs64.shape}")
@@ -154,15 +149,8 @@ def packed_gemm(handle, xq, xs):
     """``packed_gemm(handle, xq int8 [N, K], xs float [N]) -> float32 [N, M]``:
     ``y[n, r] = xs[n] * sum_g scales[r, g] * sum_{k in g} xq[n, k] * q[r, k]``."""
     _check_handle("packed_gemm", handle)
-    xq = _data(xq)
-    _check_int8("packed_gemm", xq)
-    if xq.ndim != 2 or xq.shape[1] != handle.shape[1]:
-        raise ValueError(f"packed_gemm: activations have shape {xq.shape}, expected [N, {handle.shape[1]}] for weights {handle.shape}")
-    xs = _data(xs)
-    if not hasattr(xs, "shape") or xs.shape != (xq.shape[0],) or xs.dtype.kind != "f":
-        raise ValueError(
-            f"packed_gemm: xs must be a float array of shape ({xq.shape[0]},), got {getattr(xs, 'dtype', type(xs).__name__)} {getattr(xs, 'shape', '')}"
-        )
+    xq, xs = _data(xq), _data(xs)
+    ref.check_gemm_acts(handle.shape, xq, xs)
     return _run(handle, np.ascontiguousarray(xq), np.ascontiguousarray(xs, dtype=np.float64))
 
 
