@@ -685,19 +685,23 @@ class Engine:
         return self.be.prepare_packed(xp.asarray(packed), xp.asarray(scales), g)
 
     def _linears(self, names, x2):
-        """Several BitLinears of the same rows ``x2``: one product when they are stacked."""
-        key = self.fused.get(names[0], (None,))[0]
-        if key is None or any(self.fused.get(n, (None,))[0] != key for n in names):
-            return [self._linear(n, x2) for n in names]
-        y = self._linear(key, x2)
-        return [y[:, self.fused[n][1]:self.fused[n][2]] for n in names]
+        """BitLinears on rows ``x2 [N, K]`` float32 -> ``[N, M_i]`` float32 each; members of one
+        stacked matrix come from a single product."""
+        products, out = {}, []
+        for name in names:
+            key, first, last = self.fused.get(name, (name, None, None))
+            if key not in products:
+                products[key] = self._product(key, x2)
+            out.append(products[key][:, first:last])
+        return out
 
     def _linear(self, name, x2):
-        """BitLinear on rows ``x2 [N, K]`` float32 -> ``[N, M]`` float32 (int8 activations per row)."""
-        if name in self.fused:
-            return self._linears([name], x2)[0]
+        return self._linears([name], x2)[0]
+
+    def _product(self, key, x2):
+        """The (stacked) matrix ``key`` times int8-quantized rows ``x2`` (one scale per row)."""
         xq, xs = self.be.quantize_acts(x2 if x2.flags.c_contiguous else self.xp.ascontiguousarray(x2))
-        w = self.linear[name]
+        w = self.linear[key]
         if self.dequantized:
             return (xq.astype(F32) @ w.T) * xs[:, None]
         if xq.shape[0] == 1:
