@@ -47,18 +47,13 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from reference.autograd import Tensor, no_grad
+from reference.autograd import no_grad, data_of as _arr
 from reference.mhc import RES_NAME, RES_SIZE, n_logits
 
 F32 = np.float32
 F64 = np.float64
 SNAPSHOT_EVERY = 64  # DeltaNet state snapshots (for rewind) every this many positions
 MIN_CAPACITY = 16
-
-
-def _arr(a):
-    """The array behind a Tensor (backend ops return Tensors; the engine works on arrays)."""
-    return a.data if isinstance(a, Tensor) else a
 
 
 # --------------------------------------------------------------------------- tensor layout

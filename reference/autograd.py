@@ -36,10 +36,15 @@ def no_grad():
         _state.enabled = previous
 
 
+def data_of(a):
+    """The array behind a Tensor, or ``a`` itself."""
+    return a.data if isinstance(a, Tensor) else a
+
+
 def array_module(*arrays):
     """numpy, or cupy when any argument is a cupy array (cupy is imported only then)."""
     for a in arrays:
-        data = a.data if isinstance(a, Tensor) else a
+        data = data_of(a)
         if type(data).__module__.split(".")[0] == "cupy":
             import cupy
 

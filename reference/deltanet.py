@@ -26,12 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .autograd import Function, Tensor, array_module
+from .autograd import Function, array_module, data_of as _data
 from .nn import _sigmoid, sigmoid
-
-
-def _data(a):
-    return a.data if isinstance(a, Tensor) else a
 
 
 def _swap(a):

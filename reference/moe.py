@@ -16,11 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .autograd import Function, Tensor, array_module
-
-
-def _data(a):
-    return a.data if isinstance(a, Tensor) else a
+from .autograd import Function, array_module, data_of as _data
 
 
 def _check_logits(op, logits):

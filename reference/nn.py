@@ -372,7 +372,6 @@ class Attention(Function):
     def backward(ctx, gy):
         qg, kg, vg, probs, scale = ctx.saved
         b, n_kv, group, t, hd = qg.shape
-        s_len = kg.shape[3]
         gyg = gy.reshape(b, t, n_kv, group, -1).transpose(0, 2, 3, 1, 4)  # [B, Hkv, G, T, dv]
         gq = gk = gv = None
         if ctx.needs_input_grad[2]:

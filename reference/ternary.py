@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .autograd import Function, Tensor, array_module
+from .autograd import Function, array_module, data_of as _data
 from .ops import _check_same_dtype
 
 # Activation magnitude and weight mean below which a token/group quantizes to all zero.
@@ -37,10 +37,6 @@ FP16_OVERFLOW = 65520.0
 # Lookup from a 2-bit code to its trit: 00 -> 0, 01 -> +1, 10 (invalid) -> 0, 11 -> -1.
 _DECODE = np.array([0, 1, 0, -1], dtype=np.int8)
 _SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8)
-
-
-def _data(a):
-    return a.data if isinstance(a, Tensor) else a
 
 
 def _require_float(op, name, a):

@@ -15,7 +15,7 @@ import numpy as np
 from reference import mhc as ref_mhc
 from reference import nn as ref_nn
 from reference import optim as ref_optim
-from reference.autograd import Function, Tensor
+from reference.autograd import Function, data_of as _data
 from reference.ternary import RowSelection, resolve_keep, rows_to_full
 
 from .compile import kernel_source, nvrtc_options
@@ -396,10 +396,6 @@ def cross_entropy(logits, targets, weights=None, ignore_index=-100, reduction="m
 # The ops below take float32 inputs; any other dtype (float64 gradient checks, for instance)
 # runs on the reference, which also raises the errors for invalid arguments, so messages read
 # the same on every backend.
-def _data(a):
-    return a.data if isinstance(a, Tensor) else a
-
-
 def _all_f32(*arrays):
     return all(getattr(_data(a), "dtype", None) == cp.float32 for a in arrays)
 
@@ -417,7 +413,6 @@ class RoPE(Function):
     def forward(ctx, x, positions, theta=10000.0):
         positions = cp.asarray(positions)
         lead = x.shape[:-2]
-        hd = x.shape[-1]
         try:
             rows_shape = np.broadcast_shapes(positions.shape, lead)  # shapes only, on the host
         except ValueError:

@@ -21,7 +21,7 @@ import numpy as np
 from numba import njit, prange
 
 from reference import mhc as ref
-from reference.autograd import Function, Tensor
+from reference.autograd import Function, data_of as _arr
 
 from .dispatch import n_tasks
 
@@ -29,10 +29,6 @@ _F32 = np.dtype(np.float32)
 
 # Below this many stream elements (T * n * C) a kernel runs as one task.
 PARALLEL_MIN_ELEMENTS = 1 << 16
-
-
-def _arr(a):
-    return a.data if isinstance(a, Tensor) else a
 
 
 def _all_f32(*arrays):

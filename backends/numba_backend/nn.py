@@ -27,7 +27,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from reference import nn as ref_nn
-from reference.autograd import Function, Tensor
+from reference.autograd import Function, Tensor, data_of as _arr
 from reference.ops import _check_same_dtype
 
 from .dispatch import parallel_when_large
@@ -157,10 +157,6 @@ def _is_f32(*arrays):
         if getattr(d, "dtype", _F32) != _F32:
             return False
     return True
-
-
-def _arr(a):
-    return a.data if isinstance(a, Tensor) else a
 
 
 # --- RMSNorm -------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from reference.autograd import Tensor
+from reference.autograd import data_of as _data
 
 from .dispatch import n_tasks
 
@@ -34,10 +34,6 @@ PARALLEL_MIN_ELEMENTS = 1 << 21
 
 def _tasks(rows, elements):
     return n_tasks(rows, elements, PARALLEL_MIN_ELEMENTS)
-
-
-def _data(a):
-    return a.data if isinstance(a, Tensor) else a
 
 
 def _require_float(op, name, a):
