@@ -40,6 +40,15 @@ def unavailable_reason():
     return None if compiler() else "no host C++ compiler (g++) to build the CUDA emulator"
 
 
+def skip_without_compiler():
+    """The pytest mark for tests that need the emulator: skipped, with the reason, when no
+    host C++ compiler is found."""
+    import pytest
+
+    reason = unavailable_reason()
+    return pytest.mark.skipif(reason is not None, reason=str(reason))
+
+
 def _host_source(source):
     """Kernel source rewritten for the host: dynamic shared memory becomes a pointer into the
     emulator's buffer, and each kernel gets an ``emu_launch_<name>`` entry point."""

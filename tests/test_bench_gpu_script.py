@@ -4,12 +4,10 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pytest
 
 import cuda_emulator
 
-pytestmark = pytest.mark.skipif(cuda_emulator.unavailable_reason() is not None,
-                                reason=f"{cuda_emulator.unavailable_reason()}")
+pytestmark = cuda_emulator.skip_without_compiler()
 
 
 def test_gpu_benchmark_script_dry_run(tmp_path, monkeypatch):

@@ -4,8 +4,7 @@ import pytest
 
 import cuda_emulator
 
-pytestmark = pytest.mark.skipif(cuda_emulator.unavailable_reason() is not None,
-                                reason=f"{cuda_emulator.unavailable_reason()}")
+pytestmark = cuda_emulator.skip_without_compiler()
 
 SOURCE = r"""
 extern "C" __global__ void shuffles(const int* __restrict__ x, int* __restrict__ out, int n) {

@@ -15,8 +15,7 @@ from reference.autograd import no_grad
 from test_engine import CONFIGS, loaded_from_model, rel, small_cfg, token_ids
 from test_trainer import make_trainer, tiny_config, train_records
 
-pytestmark = pytest.mark.skipif(cuda_emulator.unavailable_reason() is not None,
-                                reason=f"{cuda_emulator.unavailable_reason()}")
+pytestmark = cuda_emulator.skip_without_compiler()
 
 ENGINE_CONFIGS = ["gqa_subln", "mhc4_dynamic", "hybrid"]
 

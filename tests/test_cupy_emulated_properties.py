@@ -10,8 +10,7 @@ import reference
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-pytestmark = pytest.mark.skipif(cuda_emulator.unavailable_reason() is not None,
-                                reason=f"{cuda_emulator.unavailable_reason()}")
+pytestmark = cuda_emulator.skip_without_compiler()
 
 
 def rel_err(got, want):
