@@ -92,6 +92,11 @@ def unavailable_reason(name):
         return f"{type(exc).__name__}: {exc}"
 
 
+def registered():
+    """Names of every registered backend, in registration order."""
+    return list(_REGISTRY)
+
+
 def available():
     """Names of the registered backends that import and run on this machine."""
     return [n for n in _REGISTRY if unavailable_reason(n) is None]
@@ -125,4 +130,4 @@ register("numpy", _numpy_backend)
 register("numba", "backends.numba_backend:make_backend", "backends.numba_backend:probe")
 register("cupy", "backends.cupy_backend:make_backend", "backends.cupy_backend:probe")
 
-__all__ = ["Backend", "available", "get_backend", "register", "unavailable_reason"]
+__all__ = ["Backend", "available", "get_backend", "register", "registered", "unavailable_reason"]

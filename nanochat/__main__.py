@@ -1,4 +1,4 @@
-from .train import main
+from nanochat.train.trainer import main
 import sys
 
 sys.exit(main())

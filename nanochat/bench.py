@@ -27,6 +27,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from nanochat.cli.common import backend_choices
+
 E3_PRESETS = ("e3_baseline", "e3_mtp_only", "e3_muon_8bit", "e3_galore2", "e3_full")
 MICRO_BENCHMARKS = ("collider", "loader")
 BASELINE = "e3_baseline"
@@ -115,7 +117,7 @@ def scale_overrides(cfg, scale):
 
 def config_overrides(plan, preset):
     """Every override a preset gets in this plan (order: scale, quick, data, backend, user)."""
-    from .config import load_config
+    from nanochat.config import load_config
 
     base = load_config(preset)
     out = scale_overrides(base, plan.scale)
@@ -132,13 +134,13 @@ def config_overrides(plan, preset):
 
 
 def load_plan_config(plan, preset):
-    from .config import load_config
+    from nanochat.config import load_config
 
     return load_config(preset, config_overrides(plan, preset))
 
 
 def load_data(cfg, progress=False):
-    from .data import prepare_data
+    from nanochat.data.corpus import prepare_data
 
     d = cfg.data
     return prepare_data(d.path or None, vocab_size=cfg.model.vocab_size, cache_dir=d.cache_dir or None,
@@ -146,7 +148,7 @@ def load_data(cfg, progress=False):
 
 
 def make_loader(cfg, tokens, asynchronous):
-    from .loader import AsyncLoader, BatchLoader
+    from nanochat.data.loader import AsyncLoader, BatchLoader
 
     t = cfg.train
     args = (tokens, t.batch_size, cfg.model.seq_len, t.seed)
@@ -284,8 +286,8 @@ def _log(msg):
 
 def run_config(plan, preset, out_dir):
     """Train one preset for its steps; measure losses, timing, optimizer state and memory."""
-    from .metrics import MetricsLogger
-    from .train import Trainer, TrainingError
+    from nanochat.train.metrics import MetricsLogger
+    from nanochat.train.trainer import Trainer, TrainingError
 
     cfg = load_plan_config(plan, preset)
     data = load_data(cfg)
@@ -377,8 +379,8 @@ def run_collider(plan, out_dir):
     splits the backward by op.
     """
     import backends
-    from .loader import BatchLoader
-    from .model import Model
+    from nanochat.data.loader import BatchLoader
+    from nanochat.model.gpt import Model
 
     cfg = load_plan_config(plan, BASELINE)
     data = load_data(cfg)
@@ -446,7 +448,7 @@ def run_loader(plan, out_dir):
     data = load_data(cfg)
     out = {"steps": plan.loader_steps, "workers": cfg.train.loader_workers, "prefetch": cfg.train.loader_prefetch}
     with tempfile.TemporaryDirectory(prefix="nanochat-bench-loader-") as run_dir:  # nothing to keep
-        from .train import Trainer
+        from nanochat.train.trainer import Trainer
 
         trainer = Trainer(cfg, out_dir=run_dir, progress=False, data=data)
         out["backend"] = trainer.be.name
@@ -930,7 +932,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m nanochat.bench", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     e3 = sub.add_parser("e3", help="run the E3 suite and write REPORT.md, results.json and plots")
-    e3.add_argument("--backend", default="auto", choices=["auto", "numpy", "numba", "cupy"])
+    e3.add_argument("--backend", default="auto", choices=backend_choices())
     e3.add_argument("--out", default=None, help="output directory (default benchmarks/e3-<timestamp>)")
     e3.add_argument("--data", default=None, help="corpus: text file, directory or .bin (default: the Python stdlib)")
     e3.add_argument("--cache-dir", default=None, help="tokenizer/token-shard cache (default ~/.cache/nanochat-ternary)")
@@ -961,7 +963,7 @@ def main(argv=None):
             return 2
         print(write_report(json.loads(path.read_text()), args.dir))
         return 0
-    from .config import ConfigError
+    from nanochat.config import ConfigError
 
     try:
         plan = Plan.make(

@@ -30,6 +30,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import backends
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
@@ -84,6 +86,7 @@ def _key(default, help, *, kind=None, **limits):
 
 
 LAYER_PATTERNS = ("every", "every_other")
+BACKEND_CHOICES = ("auto", *backends.registered())
 
 
 @dataclass(frozen=True)
@@ -247,7 +250,7 @@ class TrainConfig:
     loader_workers: int = _key(1, "Background loader workers.", ge=1)
     loader_prefetch: int = _key(4, "Batches the asynchronous loader queues ahead.", ge=1)
     backend: str = _key("auto", "Op backend: `auto` (cupy with a working GPU, else numba), `numpy`, `numba` or `cupy`.",
-                        choices=("auto", "numpy", "numba", "cupy"))
+                        choices=BACKEND_CHOICES)
     dtype: str = _key("float32", "Float dtype of parameters and activations.", choices=("float32", "float64"))
     out_dir: str = _key("", "Run directory; empty = runs/<preset>-<timestamp>.")
     tensorboard: bool = _key(True, "Write TensorBoard event files when tensorboardX is installed.")

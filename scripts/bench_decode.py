@@ -23,10 +23,8 @@ import numpy as np
 
 from nanochat.bench import cpu_name as _report_cpu_name
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from nanochat.config import count_parameters, load_config  # noqa: E402
-from nanochat.engine import Engine, random_model  # noqa: E402
+from nanochat.config import count_parameters, load_config
+from nanochat.infer.engine import Engine, random_model
 
 
 def cpu_name():

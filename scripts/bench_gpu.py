@@ -177,8 +177,8 @@ def bench_attention(ctx, results):
 
 def bench_training(ctx, results, preset, steps=5):
     from nanochat.config import load_config
-    from nanochat.loader import BatchLoader
-    from nanochat.train import Trainer
+    from nanochat.data.loader import BatchLoader
+    from nanochat.train.trainer import Trainer
 
     overrides = ["train.backend=cupy", "train.async_loader=false", "train.tensorboard=false"]
     if ctx.size == "small":  # the dry run: the preset's code paths at a toy size
@@ -225,9 +225,8 @@ def cupy_context(size):
 
 def emulated_context(size):
     """The cupy backend's code on the CPU emulator, registered as "cupy" for the trainer."""
-    sys.path.insert(0, str(ROOT / "tests"))
     import backends
-    import cuda_emulator
+    from backends.cupy_backend import emulator as cuda_emulator
 
     be = cuda_emulator.emulated_cupy_backend()
     backends.register("cupy", lambda: be)
@@ -270,7 +269,6 @@ def main(argv=None):
     p.add_argument("--small", action="store_true", help="toy shapes (a dry run of the script)")
     p.add_argument("--emulated", action="store_true", help="run the cupy backend's kernels on the CPU emulator")
     args = p.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     size = "small" if args.small else "full"
     try:
         ctx = emulated_context(size) if args.emulated else cupy_context(size)

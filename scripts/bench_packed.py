@@ -51,7 +51,6 @@ def seconds_per_call(fn, repeats, stat, min_batch_s=0.02):
 
 def worker(paths, repeats, stat):
     """Runs in a child process; prints one JSON line: {case: {column: GOPS}}."""
-    sys.path.insert(0, str(REPO))
     from backends.numba_backend import packed, quant
 
     rng = np.random.default_rng(0)
@@ -96,7 +95,6 @@ def main(argv=None):
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    sys.path.insert(0, str(REPO))
     from backends.numba_backend import cpu_features
 
     if args.paths:

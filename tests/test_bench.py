@@ -9,7 +9,7 @@ import pytest
 import backends
 from nanochat import bench
 from nanochat.config import load_config
-from nanochat.model import Model
+from nanochat.model.gpt import Model
 from reference.autograd import Tensor
 
 pytestmark = pytest.mark.trainer

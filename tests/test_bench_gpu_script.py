@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 
-import cuda_emulator
+from backends.cupy_backend import emulator as cuda_emulator
 
 pytestmark = cuda_emulator.skip_without_compiler()
 

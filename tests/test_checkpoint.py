@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from nanochat import checkpoint as ckpt
-from nanochat.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from nanochat.io import checkpoint as ckpt
+from nanochat.io.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from nanochat.config import load_config
-from nanochat.train import Trainer
+from nanochat.train.trainer import Trainer
 
 pytestmark = pytest.mark.trainer
 

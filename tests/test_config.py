@@ -434,7 +434,7 @@ def test_every_key_is_documented_with_its_default():
 def test_counts_match_the_model_parameters(overrides):
     """The shape-only count agrees with the arrays the model actually allocates (small configs)."""
     import backends
-    from nanochat import model as model_module
+    from nanochat.model import gpt as model_module
 
     cfg = load_config("tiny", overrides)
     model = model_module.Model(cfg.model, backends.get_backend("numpy"), seed=0)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-import cuda_emulator
+from backends.cupy_backend import emulator as cuda_emulator
 
 pytestmark = cuda_emulator.skip_without_compiler()
 

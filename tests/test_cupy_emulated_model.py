@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import backends
-import cuda_emulator
-from nanochat.engine import Engine
-from nanochat.model import Model
+from backends.cupy_backend import emulator as cuda_emulator
+from nanochat.infer.engine import Engine
+from nanochat.model.gpt import Model
 from reference.autograd import no_grad
 from test_engine import CONFIGS, loaded_from_model, rel, small_cfg, token_ids
 from test_trainer import make_trainer, tiny_config, train_records

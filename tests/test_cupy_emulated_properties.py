@@ -4,7 +4,7 @@ the kernels' tile edges (16-byte chunks, 64 x 64 dp4a and 128 x 128 tensor-core 
 import numpy as np
 import pytest
 
-import cuda_emulator
+from backends.cupy_backend import emulator as cuda_emulator
 import reference
 
 hypothesis = pytest.importorskip("hypothesis")

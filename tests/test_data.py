@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from nanochat import data as data_mod
-from nanochat.data import (
+from nanochat.data import corpus as data_mod
+from nanochat.data.corpus import (
     VAL_FRACTION,
     discover_corpus,
     load_token_file,
@@ -15,7 +15,7 @@ from nanochat.data import (
     split_names,
     split_text,
 )
-from nanochat.tokenizer import EOT, Tokenizer, load_or_train, resolve_cache_dir
+from nanochat.data.tokenizer import EOT, Tokenizer, load_or_train, resolve_cache_dir
 
 PY_SNIPPETS = [
     "def add(a, b):\n    return a + b\n",

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from backends import Backend, get_backend
-from nanochat import gguf_io
+from nanochat.io import gguf as gguf_io
 from nanochat.config import load_config
-from nanochat.engine import (
+from nanochat.infer.engine import (
     SNAPSHOT_EVERY,
     Engine,
     SamplingParams,
@@ -21,7 +21,7 @@ from nanochat.engine import (
     next_token_distribution,
     sample_next,
 )
-from nanochat.model import Model
+from nanochat.model.gpt import Model
 from reference.autograd import no_grad
 
 pytestmark = pytest.mark.engine
@@ -367,8 +367,8 @@ def test_generate_streams_text_and_stops_on_stop_strings():
 @pytest.fixture(scope="module")
 def trained_checkpoint(tmp_path_factory):
     """A checkpoint of a small random model with a real tokenizer, and a text corpus."""
-    from nanochat.checkpoint import rng_state_to_json, save_checkpoint
-    from nanochat.tokenizer import Tokenizer
+    from nanochat.io.checkpoint import rng_state_to_json, save_checkpoint
+    from nanochat.data.tokenizer import Tokenizer
 
     root = tmp_path_factory.mktemp("engine_cli")
     lines = [f"def f{i}(x):\n    return x * {i} + {i % 7}  # café\n" for i in range(400)]
@@ -386,7 +386,7 @@ def trained_checkpoint(tmp_path_factory):
 
 
 def test_generate_cli_prints_text_and_speed(trained_checkpoint, capsys):
-    from nanochat import generate
+    from nanochat.cli import generate
 
     ckpt = trained_checkpoint[0]
     argv = ["--model", str(ckpt), "--prompt", "def f(", "--max-tokens", "6", "--temperature", "0", "--backend", "numpy"]
@@ -404,7 +404,7 @@ def test_generate_cli_prints_text_and_speed(trained_checkpoint, capsys):
     (["--max-tokens", "-5"], "max-tokens"),
 ])
 def test_generate_cli_bad_input_is_one_line_and_exit_2(trained_checkpoint, capsys, argv, needle):
-    from nanochat import generate
+    from nanochat.cli import generate
 
     base = ["--model", str(trained_checkpoint[0])] if argv[0] != "--model" else []
     try:
@@ -418,9 +418,9 @@ def test_generate_cli_bad_input_is_one_line_and_exit_2(trained_checkpoint, capsy
 def test_eval_cli_reports_loss_perplexity_and_bits_per_byte(trained_checkpoint, capsys):
     import json
 
-    from nanochat import eval as eval_mod
-    from nanochat.data import discover_corpus
-    from nanochat.loader import val_batches
+    from nanochat.cli import eval as eval_mod
+    from nanochat.data.corpus import discover_corpus
+    from nanochat.data.loader import val_batches
 
     ckpt, corpus, model, tok = trained_checkpoint
     assert eval_mod.main(["--model", str(ckpt), "--data", str(corpus), "--max-batches", "2", "--batch-size", "2",
@@ -443,7 +443,7 @@ def test_eval_cli_reports_loss_perplexity_and_bits_per_byte(trained_checkpoint, 
 
 
 def test_eval_cli_bad_input_is_one_line_and_exit_2(trained_checkpoint, tmp_path, capsys):
-    from nanochat import eval as eval_mod
+    from nanochat.cli import eval as eval_mod
 
     ckpt = str(trained_checkpoint[0])
     short = tmp_path / "short.txt"

@@ -13,11 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import backends
-from nanochat import gguf_io
-from nanochat.checkpoint import save_checkpoint
+from nanochat.io import gguf as gguf_io
+from nanochat.io.checkpoint import save_checkpoint
 from nanochat.config import Config
-from nanochat.export import main as export_main
-from nanochat.gguf_io import (
+from nanochat.cli.export import main as export_main
+from nanochat.io.gguf import (
     GGUFError,
     loaded_from_checkpoint,
     parameter_specs,
@@ -28,7 +28,7 @@ from nanochat.gguf_io import (
     write_gguf,
     write_loaded,
 )
-from nanochat.model import Model
+from nanochat.model.gpt import Model
 from reference.mhc import STATIC_PARAM_NAMES
 from reference.mhc_io import read_mhc
 from reference.ternary import dequantize_weights, pack_ternary, quantize_weights, unpack_ternary
@@ -75,7 +75,7 @@ def model_params(key):
 
 @functools.lru_cache(maxsize=None)
 def tokenizer_json():
-    from nanochat.tokenizer import Tokenizer
+    from nanochat.data.tokenizer import Tokenizer
 
     texts = ["def add(a, b):\n    return a + b\n" * 8, "the quick brown fox jumps over the lazy dog " * 8,
              "for i in range(10):\n    print(i)\n" * 8]
@@ -204,7 +204,7 @@ def test_f16_option_halves_2d_floats_only(tmp_path):
 
 
 def test_metadata_keys_and_tokenizer(tmp_path):
-    from nanochat.tokenizer import Tokenizer
+    from nanochat.data.tokenizer import Tokenizer
 
     cfg, params = model_params("moe")
     path = tmp_path / "m.gguf"

@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from nanochat.loader import AsyncLoader, BatchLoader, val_batches
+from nanochat.data.loader import AsyncLoader, BatchLoader, val_batches
 
 
 @pytest.fixture

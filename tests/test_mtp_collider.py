@@ -19,7 +19,7 @@ import pytest
 
 import backends
 from nanochat.config import load_config
-from nanochat.model import Model, collider_keep, is_muon_param
+from nanochat.model.gpt import Model, collider_keep, is_muon_param
 from reference import ternary as ref_ternary
 from reference.autograd import Function, Tensor, no_grad
 
@@ -181,7 +181,7 @@ def test_mtp_with_gradient_accumulation_matches_one_large_batch(tmp_path):
     tokens = batch(b=4, seed=7)
     data = SimpleNamespace(train_tokens=np.arange(400) % 300, val_tokens=np.arange(100) % 300, vocab_size=300,
                            tokenizer=None, tokenizer_path=None)
-    from nanochat.train import Trainer
+    from nanochat.train.trainer import Trainer
 
     results = {}
     for accum, bsz, batches in ((1, 4, [tokens]), (2, 2, [tokens[:2], tokens[2:]])):
@@ -339,7 +339,7 @@ def test_collider_sparse_backward_with_deltanet_moe_and_mhc():
 
 
 def test_collider_trains_through_the_trainer(tmp_path):
-    from nanochat.train import Trainer
+    from nanochat.train.trainer import Trainer
 
     data = SimpleNamespace(train_tokens=np.arange(2000) % 300, val_tokens=np.arange(400) % 300, vocab_size=300,
                            tokenizer=None, tokenizer_path=None)

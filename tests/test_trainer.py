@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 import backends
-from nanochat.checkpoint import list_checkpoints, load_checkpoint
+from nanochat.io.checkpoint import list_checkpoints, load_checkpoint
 from nanochat.config import ConfigError, available_presets, count_parameters, load_config
-from nanochat.loader import BatchLoader
-from nanochat.metrics import TB_TAGS, read_metrics
-from nanochat.model import Model
-from nanochat.sample import generate, sample_next
-from nanochat.train import Trainer, TrainingError, main
+from nanochat.data.loader import BatchLoader
+from nanochat.train.metrics import TB_TAGS, read_metrics
+from nanochat.model.gpt import Model
+from nanochat.train.sample import generate, sample_next
+from nanochat.train.trainer import Trainer, TrainingError, main
 
 pytestmark = pytest.mark.trainer
 

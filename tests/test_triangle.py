@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 import backends
-import cuda_emulator
+from backends.cupy_backend import emulator as cuda_emulator
 import reference
 from reference import mhc as ref_mhc
 from reference import optim as ref_optim

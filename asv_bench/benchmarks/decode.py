@@ -1,6 +1,6 @@
 """Decode speed of the inference engine: one token per forward with the KV cache, per backend.
 
-``Engine.step`` on a random-weight ``tiny`` model (``nanochat.engine.random_model``) after a
+``Engine.step`` on a random-weight ``tiny`` model (``nanochat.infer.engine.random_model``) after a
 16-token prompt, with the packed ternary kernels and with ``dequantized=True`` (float32
 weights, the same int8 activations). Tokens per second over 16 decode steps.
 """
@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from nanochat.config import load_config
-from nanochat.engine import Engine, random_model
+from nanochat.infer.engine import Engine, random_model
 
 from .common import backend_names, require_implementation
 

@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from nanochat.config import load_config
-from nanochat.train import Trainer
+from nanochat.train.trainer import Trainer
 
 from .common import backend_names, require_implementation
 

@@ -27,11 +27,12 @@ import backends
 from reference.autograd import no_grad
 from reference import optim as ref_optim
 
-from .checkpoint import (CheckpointError, find_nonfinite, load_checkpoint, rng_from_json, rng_state_to_json,
+from nanochat.io.checkpoint import (CheckpointError, find_nonfinite, load_checkpoint, rng_from_json, rng_state_to_json,
                          save_checkpoint)
-from .config import Config, ConfigError, available_presets, load_config
-from .metrics import MetricsLogger, plot_losses
-from .model import Model, is_muon_param
+from nanochat.cli.common import backend_choices
+from nanochat.config import Config, ConfigError, available_presets, load_config
+from nanochat.train.metrics import MetricsLogger, plot_losses
+from nanochat.model.gpt import Model, is_muon_param
 
 
 class TrainingError(RuntimeError):
@@ -182,7 +183,7 @@ class Trainer:
 
     # --------------------------------------------------------------- set-up
     def _prepare_data(self):
-        from .data import prepare_data
+        from nanochat.data.corpus import prepare_data
 
         d = self.cfg.data
         return prepare_data(d.path or None, vocab_size=self.cfg.model.vocab_size, cache_dir=d.cache_dir or None,
@@ -207,7 +208,7 @@ class Trainer:
                 )
 
     def _make_loader(self):
-        from .loader import AsyncLoader, BatchLoader
+        from nanochat.data.loader import AsyncLoader, BatchLoader
 
         t = self.cfg.train
         args = (self.data.train_tokens, t.batch_size, self.cfg.model.seq_len, t.seed)
@@ -342,7 +343,7 @@ class Trainer:
 
     def evaluate(self, max_batches=None):
         """Mean validation CE (main next-token loss) over fixed validation windows."""
-        from .loader import val_batches
+        from nanochat.data.loader import val_batches
 
         t = self.cfg.train
         losses = []
@@ -475,7 +476,7 @@ class Trainer:
 
     def sample(self, prompt, max_tokens, temperature=0.8, top_k=40):
         """Prompt plus a sampled continuation (needs the data's tokenizer)."""
-        from .sample import generate
+        from nanochat.train.sample import generate
 
         tok = self.data.tokenizer
         if tok is None:
@@ -511,7 +512,7 @@ def parse_args(argv):
         epilog="'python -m nanochat.train plot RUN_DIR' redraws a run's loss curve. Exit codes: 0 done, "
                "2 bad config/checkpoint/data, 3 stopped on non-finite steps, 130 interrupted (checkpoint saved).")
     p.add_argument("--config", default=None, help=f"preset name ({', '.join(available_presets())}) or a .toml file")
-    p.add_argument("--backend", default=None, choices=["auto", "numpy", "numba", "cupy"],
+    p.add_argument("--backend", default=None, choices=backend_choices(),
                    help="op backend (default from the config: auto = cupy with a GPU, else numba)")
     p.add_argument("--data", default=None, help="text file, directory of text files, or pre-tokenized .bin")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps (overrides train.steps)")

@@ -7,7 +7,7 @@ sampling and streaming text.
         print(piece, end="", flush=True)
     engine.last_stats.decode_tokens_per_sec
 
-The forward pass is the training forward of ``nanochat.model.Model`` on plain arrays, with
+The forward pass is the training forward of ``nanochat.model.gpt.Model`` on plain arrays, with
 every BitLinear replaced by the backend's packed kernels: each ternary weight goes through
 ``backend.prepare_packed`` once at load time; a chunk of N > 1 new tokens (prefill) runs
 ``packed_gemm`` on the per-token int8 activations from ``quantize_acts``, one new token
@@ -60,7 +60,7 @@ MIN_CAPACITY = 16
 def expected_tensors(cfg):
     """``(floats, ternary)``: parameter name -> shape of every tensor the engine needs.
 
-    ``cfg`` is a ``ModelConfig``. The names are ``nanochat.model.Model``'s; ternary names are
+    ``cfg`` is a ``ModelConfig``. The names are ``nanochat.model.gpt.Model``'s; ternary names are
     the BitLinear weights (``[M, K]`` shadow shapes). MTP heads are training-only and absent.
     """
     d, hd, V = cfg.dim, cfg.head_dim, cfg.vocab_size
@@ -149,8 +149,8 @@ def _check_loaded(loaded, cfg):
 
 
 def load_model(path):
-    """A ``LoadedModel`` from a ``.gguf`` file or a checkpoint directory (``nanochat.gguf_io``)."""
-    from nanochat import gguf_io
+    """A ``LoadedModel`` from a ``.gguf`` file or a checkpoint directory (``nanochat.io.gguf``)."""
+    from nanochat.io import gguf as gguf_io
 
     p = Path(path)
     if p.is_dir():
@@ -164,7 +164,7 @@ def random_model(cfg, seed=0):
     """A ``LoadedModel`` with random weights for the config ``cfg`` (for speed measurements:
     decode time does not depend on the values). Trits are uniform over {-1, 0, +1}, scales
     fp16-exact, norms one, other floats N(0, 0.02)."""
-    from nanochat import gguf_io
+    from nanochat.io import gguf as gguf_io
     from reference.ternary import pack_ternary
 
     rng = np.random.default_rng(seed)
@@ -504,7 +504,7 @@ def _fusion_groups(names):
 class Engine:
     """Runs a loaded ternary model for generation and evaluation.
 
-    ``loaded``: a ``nanochat.gguf_io.LoadedModel`` (``config``, ``floats``, ``ternary``,
+    ``loaded``: a ``nanochat.io.gguf.LoadedModel`` (``config``, ``floats``, ``ternary``,
     ``tokenizer_json``, ``source``). ``backend``: a name for ``backends.get_backend`` or a
     Backend. ``dequantized``: float32 matmuls with ``W = q * s`` instead of packed kernels.
     ``max_len``: initial cache capacity in positions (default the config's ``seq_len``; the
@@ -545,7 +545,7 @@ class Engine:
         self.max_len = int(max_len or cfg.seq_len)
         self.tokenizer = tokenizer
         if tokenizer is None and getattr(loaded, "tokenizer_json", None):
-            from nanochat.tokenizer import Tokenizer
+            from nanochat.data.tokenizer import Tokenizer
 
             self.tokenizer = Tokenizer.from_json_str(loaded.tokenizer_json, source=f"tokenizer of {self.source}")
         self.last_stats = GenerationStats()
@@ -603,7 +603,7 @@ class Engine:
     def logits(self, idx):
         """Stateless batched forward (prefill path): ``idx int [B, T] -> float32 [B, T, V]`` (numpy).
 
-        Leaves the engine's own cache alone; what ``nanochat.eval`` runs."""
+        Leaves the engine's own cache alone; what ``nanochat.cli.eval`` runs."""
         idx = np.asarray(idx)
         if idx.ndim != 2 or idx.shape[1] == 0 or idx.shape[0] == 0 or idx.dtype.kind not in "iu":
             raise ValueError(f"logits: token ids must be a non-empty 2-D integer array [B, T], "

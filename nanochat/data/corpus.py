@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
-from nanochat.tokenizer import (
+from nanochat.data.tokenizer import (
     DEFAULT_VOCAB_SIZE,
     Tokenizer,
     check_vocab_size,

@@ -10,9 +10,9 @@ def sample_next(logits, temperature, top_k, rng):
     """Pick one token id from a logits vector [V] (greedy when temperature is 0).
 
     ``top_k`` > 0 keeps the k largest logits. The filtering and the draw are the inference
-    engine's (``nanochat.engine.sample_next``); this adds the checks a training run needs.
+    engine's (``nanochat.infer.engine.sample_next``); this adds the checks a training run needs.
     """
-    from .engine import SamplingParams, sample_next as engine_sample_next
+    from nanochat.infer.engine import SamplingParams, sample_next as engine_sample_next
 
     logits = np.asarray(logits, dtype=np.float64)
     if logits.ndim != 1 or logits.size == 0:

@@ -105,7 +105,7 @@ def _model_cfg(cfg) -> ModelConfig:
 
 
 def parameter_specs(cfg) -> dict[str, ParamSpec]:
-    """Every parameter of ``nanochat.model.Model`` for ``cfg``, in the model's order, from shapes alone.
+    """Every parameter of ``nanochat.model.gpt.Model`` for ``cfg``, in the model's order, from shapes alone.
 
     Ternary entries are exactly the weights the model runs through ``ternary_linear``
     (``Model._bitlinear``): attention wq wk wv wo, dense/expert/shared FFN w_gate w_up w_down,
@@ -540,7 +540,7 @@ def _tokenizer_metadata(tokenizer_json, vocab_size, path):
     """Token list (padded to the model's vocab), types, merges and EOT id for ``tokenizer.ggml.*``."""
     if tokenizer_json is None:
         return None
-    from nanochat.tokenizer import Tokenizer
+    from nanochat.data.tokenizer import Tokenizer
 
     if not isinstance(tokenizer_json, str):
         raise ValueError(f"{path}: tokenizer_json must be a string, got {type(tokenizer_json).__name__}")
@@ -963,7 +963,7 @@ def _tokenizer_from_metadata(header: _Header, model: ModelConfig, path) -> str |
     if key not in header.kv:
         return None
     text = _require(header, key, ("str",), path)
-    from nanochat.tokenizer import Tokenizer
+    from nanochat.data.tokenizer import Tokenizer
 
     try:
         tok = Tokenizer.from_json_str(text, source=f"metadata key {key!r}")
@@ -1135,7 +1135,7 @@ def loaded_from_checkpoint(ckpt_dir) -> LoadedModel:
     (``quantize_weights`` then ``pack_ternary``). Raises ``ValueError`` (``CheckpointError``,
     ``ConfigError``) naming the directory and the problem.
     """
-    from nanochat.checkpoint import load_checkpoint
+    from nanochat.io.checkpoint import load_checkpoint
 
     if sys.version_info >= (3, 11):
         import tomllib

@@ -1,0 +1,1 @@
+"""Command-line entry points and the argument/exit-code style they share."""

@@ -1,0 +1,5 @@
+import sys
+
+from nanochat.data.corpus import main
+
+sys.exit(main())

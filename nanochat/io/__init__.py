@@ -1,0 +1,1 @@
+"""Files: GGUF, checkpoints (safetensors + JSON) and the atomic-write helper they share."""

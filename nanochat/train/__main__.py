@@ -1,0 +1,5 @@
+import sys
+
+from nanochat.train.trainer import main
+
+sys.exit(main())
