@@ -157,14 +157,19 @@ class ModelConfig:
     def deltanet_layer_ids(self) -> tuple[int, ...]:
         """Sorted DeltaNet block indices: the explicit list, or ``round(ratio * n_layers)`` spread evenly.
 
-        With ``n`` layers chosen out of ``L``, layer ``k`` sits at ``floor((k + 1/2) L / n)``: the
-        centre of the k-th of n equal slices, so neither the first nor the last block is DeltaNet
-        unless n = L (24 layers at 0.2 -> 2, 7, 12, 16, 21).
+        The first and last blocks stay attention. With ``n`` blocks chosen out of ``L``, block ``k``
+        sits at ``1 + floor((k + 1/2) (L - 2) / n)``: the centre of the k-th of n equal slices of
+        the interior blocks 1..L-2 (24 layers at 0.2 -> 3, 7, 12, 16, 20). A ratio that leaves
+        a single attention block (n = L - 1) keeps block 0; n = L makes every block DeltaNet.
         """
         if self.deltanet_layers:
             return tuple(sorted(self.deltanet_layers))
-        n = _deltanet_count(self.deltanet_ratio, self.n_layers)
-        return tuple((2 * k + 1) * self.n_layers // (2 * n) for k in range(n))
+        n, layers = _deltanet_count(self.deltanet_ratio, self.n_layers), self.n_layers
+        if n >= layers:
+            return tuple(range(layers))
+        if n > layers - 2:
+            return tuple(range(1, layers))
+        return tuple(1 + (2 * k + 1) * (layers - 2) // (2 * n) for k in range(n))
 
     @property
     def moe_layer_ids(self) -> tuple[int, ...]:

@@ -158,9 +158,12 @@ def test_moe_deltanet_and_mtp_counts():
 
 
 @pytest.mark.parametrize("n_layers,ratio,expected", [
-    (24, 0.2, (2, 7, 12, 16, 21)),
+    (24, 0.2, (3, 7, 12, 16, 20)),
     (4, 0.25, (2,)),
-    (4, 0.5, (1, 3)),
+    (4, 0.5, (1, 2)),
+    (4, 0.75, (1, 2, 3)),   # one attention block left: block 0
+    (2, 0.5, (1,)),
+    (3, 0.34, (1,)),
     (4, 1.0, (0, 1, 2, 3)),
 ])
 def test_deltanet_ratio_places_layers_evenly(n_layers, ratio, expected):
@@ -168,6 +171,25 @@ def test_deltanet_ratio_places_layers_evenly(n_layers, ratio, expected):
     assert m.deltanet_layer_ids == expected
     kinds = [mixer for mixer, _ in m.block_kinds()]
     assert [i for i, k in enumerate(kinds) if k == "deltanet"] == list(expected)
+
+
+def test_deltanet_ratio_keeps_the_first_and_last_blocks_attention():
+    """docs/config.md: the first and last blocks stay attention while at least two attention
+    blocks remain; the chosen blocks are n = round(ratio * L), unique, and spread over the interior."""
+    for n_layers in range(1, 41):
+        for n in range(0, n_layers + 1):
+            ratio = n / n_layers
+            ids = ModelConfig(n_layers=n_layers, deltanet_ratio=ratio).deltanet_layer_ids
+            assert len(ids) == len(set(ids)) == n and list(ids) == sorted(ids)
+            assert all(0 <= i < n_layers for i in ids)
+            if n <= n_layers - 2:
+                assert 0 not in ids and n_layers - 1 not in ids
+                steps = [b - a for a, b in zip(ids, ids[1:])]  # evenly spread: the spacing varies by at most 1
+                assert not steps or max(steps) - min(steps) <= 1
+            elif n < n_layers:
+                assert ids == tuple(range(1, n_layers))
+            else:
+                assert ids == tuple(range(n_layers))
 
 
 # --- unknown names ---------------------------------------------------------------------------
