@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 
 import numpy as np
 
@@ -88,24 +87,19 @@ def _to_host(value):
 
 
 def _atomic_write(path, payload):
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".mhc", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from nanochat.io.atomic import atomic_write_bytes  # the one atomic writer (umask mode, target named in errors)
+
+    atomic_write_bytes(path, payload)
 
 
 def read_mhc(path):
-    """Read an ``.mhc`` file -> ``(n_streams, [record dict per sub-layer])`` with float32 arrays."""
-    with open(path, "rb") as f:
+    """Read an ``.mhc`` file -> ``(n_streams, [record dict per sub-layer])`` with float32 arrays.
+
+    Every problem is one ``ValueError``: a missing path, a directory, a FIFO or device (checked
+    without blocking), a damaged header or body."""
+    from nanochat.io.atomic import open_regular
+
+    with open_regular(path, ".mhc file") as f:
         file_size = os.fstat(f.fileno()).st_size
         head = f.read(HEADER.size)
         if len(head) < HEADER.size:

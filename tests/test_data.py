@@ -424,7 +424,7 @@ def test_bin_file_with_a_small_declared_vocab(tmp_path):
     ds = prepare_data(path, progress=False)
     assert ds.vocab_size == 65 and ds.eot_id == 0 and ds.val_tokens.size == 2
     (tmp_path / "chars.json").write_text('{"vocab_size": 0}')
-    with pytest.raises(ValueError, match=r"chars\.bin: vocab size must be an integer in \[1, 2\*\*32\], got 0"):
+    with pytest.raises(ValueError, match=r"chars\.json field 'vocab_size' must be an integer in \[1, 1048576\].*got 0"):
         prepare_data(path, progress=False)
 
 

@@ -7,6 +7,8 @@ not from lists kept in each command.
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 
 EXIT_BAD_INPUT = 2
@@ -45,3 +47,31 @@ def fail(message) -> int:
     """Print one ``error:`` line on stderr; returns ``EXIT_BAD_INPUT`` for ``return fail(...)``."""
     print(f"error: {message}", file=sys.stderr)
     return EXIT_BAD_INPUT
+
+
+def check_model_path(path) -> None:
+    """ValueError (one sentence) unless ``path`` is a regular file or a directory, said precisely:
+    missing, a device such as /dev/null, a FIFO, unreadable. Nothing is opened (a FIFO cannot block)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ValueError(f"model path {path} does not exist (give a .gguf file or a checkpoint directory).") from None
+    except OSError as exc:
+        raise ValueError(f"model path {path} cannot be examined ({exc.strerror or exc}).") from None
+    if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+        return
+    kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+        else "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+    raise ValueError(f"model path {path} is {kind}, not a .gguf file or a checkpoint directory.")
+
+
+def check_text(text, what) -> str:
+    """``text`` when it is valid Unicode; a ValueError naming ``what`` when it came from bytes that are
+    not UTF-8 (Python keeps undecodable argv bytes as lone surrogates, which no tokenizer accepts)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start]
+        byte = f"byte {ord(bad) - 0xDC00:#04x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"code point U+{ord(bad):04X}"
+        raise ValueError(f"{what} is not valid UTF-8 text ({byte} at character {exc.start}).") from None
+    return text

@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from nanochat.cli.common import EXIT_BAD_INPUT, OneLineParser, add_backend_argument, non_negative_int
+from nanochat.cli.common import (EXIT_BAD_INPUT, OneLineParser, add_backend_argument, check_model_path,
+                                 non_negative_int)
 
 
 @dataclass
@@ -133,6 +134,7 @@ def main(argv=None):
     try:
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
+        check_model_path(args.model)
         loaded = load_model(args.model)
         engine = Engine(loaded, args.backend, dequantized=args.dequantized)
         cfg = engine.cfg

@@ -15,12 +15,11 @@ stderr and exit code 2. Layout and metadata: ``docs/gguf.md``.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from nanochat.cli.common import EXIT_BAD_INPUT
+from nanochat.io.atomic import atomic_path
 from nanochat.io.gguf import ARCH, BITNET_ARCH, loaded_from_checkpoint, mhc_records, write_loaded
 
 
@@ -56,18 +55,14 @@ def export(checkpoint, out, arch=ARCH, mhc=None, no_mhc=False, float_type="f32",
             raise ValueError(f"--mhc {mhc_path}: the directory {mhc_path.parent} does not exist")
     records = mhc_records(loaded) if mhc_path is not None else []
 
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
-    os.close(fd)
     wrote_new_sidecar = False
     try:
-        summary = write_loaded(tmp, loaded, arch=arch, float_type=float_type, name=name, label=str(out))
-        if mhc_path is not None:
-            wrote_new_sidecar = not mhc_path.exists()
-            write_mhc(mhc_path, records, model.n_streams)  # atomic on its own
-        os.replace(tmp, out)
+        with atomic_path(out, suffix=".part") as tmp:  # errors name OUT, the file gets the umask's mode
+            summary = write_loaded(tmp, loaded, arch=arch, float_type=float_type, name=name, label=str(out))
+            if mhc_path is not None:
+                wrote_new_sidecar = not mhc_path.exists()
+                write_mhc(mhc_path, records, model.n_streams)  # atomic on its own
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         if wrote_new_sidecar and mhc_path.exists():
             mhc_path.unlink()
         raise

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import sys
 
-from nanochat.cli.common import EXIT_BAD_INPUT, OneLineParser, add_backend_argument, non_negative_int
+from nanochat.cli.common import (EXIT_BAD_INPUT, OneLineParser, add_backend_argument, check_model_path,
+                                 check_text, non_negative_int)
 
 
 def build_parser():
@@ -39,6 +40,10 @@ def main(argv=None):
     out = sys.stdout
     try:
         SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty, args.seed)
+        check_text(args.prompt, "--prompt")
+        for stop in args.stop:
+            check_text(stop, "--stop")
+        check_model_path(args.model)
         engine = Engine.from_path(args.model, args.backend, dequantized=args.dequantized)
         engine.require_tokenizer()
         options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

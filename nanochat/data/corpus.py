@@ -17,7 +17,6 @@ import json
 import math
 import os
 import sysconfig
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,8 +25,10 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from nanochat.io.atomic import atomic_path, atomic_write_text
 from nanochat.data.tokenizer import (
     DEFAULT_VOCAB_SIZE,
+    MAX_VOCAB_SIZE,
     Tokenizer,
     check_vocab_size,
     load_or_train,
@@ -62,6 +63,7 @@ TEXT_CHUNK_BYTES = 1 << 20
 ENCODE_BATCH_BYTES = 8 << 20
 
 SIDECAR_KEYS = ("vocab_size", "tokenizer", "dtype", "eot_id")
+MAX_SIDECAR_BYTES = 1 << 16  # a sidecar holds four short fields
 BIN_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 
 
@@ -311,38 +313,28 @@ def _write_shard(
 
     stats = _ShardStats()
     eot = np.array([tokenizer.eot_id], dtype=dtype)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f, tqdm(
-            total=sum(d.nbytes for d in docs), unit="B", unit_scale=True, desc=desc, disable=not progress
-        ) as bar:
-            for batch in _document_batches(docs, ENCODE_BATCH_BYTES):
-                kept, texts = [], []
-                for d in batch:
-                    text = d.read()
-                    if text is None:
-                        stats.skipped.append(d.name)
-                    else:
-                        kept.append(d)
-                        texts.append(text)
-                for d, text, ids in zip(kept, texts, tokenizer.encode_batch(texts)):
-                    arr = np.asarray(ids, dtype=dtype)
-                    f.write(arr.tobytes())
-                    stats.tokens += arr.size
-                    stats.bytes += len(text.encode("utf-8"))
-                    if d.ends_document:
-                        f.write(eot.tobytes())
-                        stats.tokens += 1
-                        stats.documents += 1
-                bar.update(sum(d.nbytes for d in batch))
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; cache files are plain readable data
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f, tqdm(
+        total=sum(d.nbytes for d in docs), unit="B", unit_scale=True, desc=desc, disable=not progress
+    ) as bar:
+        for batch in _document_batches(docs, ENCODE_BATCH_BYTES):
+            kept, texts = [], []
+            for d in batch:
+                text = d.read()
+                if text is None:
+                    stats.skipped.append(d.name)
+                else:
+                    kept.append(d)
+                    texts.append(text)
+            for d, text, ids in zip(kept, texts, tokenizer.encode_batch(texts)):
+                arr = np.asarray(ids, dtype=dtype)
+                f.write(arr.tobytes())
+                stats.tokens += arr.size
+                stats.bytes += len(text.encode("utf-8"))
+                if d.ends_document:
+                    f.write(eot.tobytes())
+                    stats.tokens += 1
+                    stats.documents += 1
+            bar.update(sum(d.nbytes for d in batch))
     return stats
 
 
@@ -373,17 +365,7 @@ def _read_json(path: Path) -> dict | None:
 
 
 def _write_json(path: Path, value: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def _cached_dataset(entry: Path, settings: dict) -> Dataset | None:
@@ -473,7 +455,19 @@ def prepare_data(
     if cached is not None:
         return cached
 
+    created = not entry.exists()
     entry.mkdir(parents=True, exist_ok=True)
+    try:
+        return _build_entry(entry, corpus, settings, vocab_size, val_fraction, tokenizer_max_bytes, progress)
+    except BaseException:
+        # A failed first build leaves no empty cache folder behind (a trained tokenizer stays: it is
+        # complete, costly to redo, and the next build reuses it; shards are never left partial).
+        if created and not any(entry.iterdir()):
+            entry.rmdir()
+        raise
+
+
+def _build_entry(entry, corpus, settings, vocab_size, val_fraction, tokenizer_max_bytes, progress) -> Dataset:
     train_docs, val_docs = corpus.split(val_fraction)
     subset = _tokenizer_subset(train_docs, tokenizer_max_bytes)
 
@@ -539,14 +533,18 @@ def prepare_data(
 # Pre-tokenized .bin files
 # ------------------------------------------------------------------------------------
 def _read_sidecar(path: Path) -> dict:
+    from nanochat.io.atomic import read_regular
+
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, MAX_SIDECAR_BYTES, what="sidecar").decode("utf-8")
     except UnicodeDecodeError:
         raise ValueError(f"sidecar {path} is not UTF-8 JSON.") from None
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"sidecar {path} is not valid JSON ({exc.msg} at line {exc.lineno}).") from None
+    except RecursionError:
+        raise ValueError(f"sidecar {path} nests JSON too deeply.") from None
     if not isinstance(value, dict):
         raise ValueError(f"sidecar {path} must hold a JSON object, not {type(value).__name__}.")
     for key in value:
@@ -591,9 +589,9 @@ def load_token_file(
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ValueError(f"token file {path} does not exist.")
+        raise ValueError(f"token file {path} " + ("is not a regular file." if path.exists() else "does not exist."))
     sidecar_path = path.with_suffix(".json")
-    sidecar = _read_sidecar(sidecar_path) if sidecar_path.is_file() else {}
+    sidecar = _read_sidecar(sidecar_path) if os.path.lexists(sidecar_path) else {}
     dtype = BIN_DTYPES[sidecar.get("dtype", "uint16")]
 
     tokenizer, tok_path = None, None
@@ -615,8 +613,9 @@ def load_token_file(
         declared = tokenizer.vocab_size if tokenizer is not None else vocab_size
     # Any size works for ids already made (a character-level vocab of 65, say); the
     # BPE lower bound applies only to training a tokenizer.
-    if isinstance(declared, bool) or not isinstance(declared, (int, np.integer)) or not 1 <= declared <= 2**32:
-        raise ValueError(f"{path}: vocab size must be an integer in [1, 2**32], got {declared!r}.")
+    if isinstance(declared, bool) or not isinstance(declared, (int, np.integer)) or not 1 <= declared <= MAX_VOCAB_SIZE:
+        where = f"sidecar {sidecar_path} field 'vocab_size'" if "vocab_size" in sidecar else f"{path}: vocab size"
+        raise ValueError(f"{where} must be an integer in [1, {MAX_VOCAB_SIZE}] (docs/limits.md), got {declared!r}.")
     declared = int(declared)
     if declared > np.iinfo(dtype).max + 1:
         raise ValueError(
@@ -648,7 +647,7 @@ def load_token_file(
     train_tokens, val_tokens = tokens[: n - n_val], tokens[n - n_val :]
     lengths = None
     if tokenizer is not None:  # ids past the tokenizer (a padded vocab) count as 0 bytes
-        lengths = np.zeros(declared, dtype=np.int64)
+        lengths = np.zeros(declared, dtype=np.int64)  # declared <= MAX_VOCAB_SIZE: at most 8 MiB
         lengths[: tokenizer.vocab_size] = tokenizer.token_byte_lengths()
     meta = {
         "format_version": FORMAT_VERSION,

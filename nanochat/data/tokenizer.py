@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -22,7 +21,12 @@ EOT = "<|endoftext|>"
 DEFAULT_VOCAB_SIZE = 4096
 # 256 byte symbols plus the end-of-text token: a vocabulary with no merges at all.
 MIN_VOCAB_SIZE = 257
-MAX_VOCAB_SIZE = 2**32
+# The largest vocabulary anything here builds or reads (docs/limits.md): 2^20 is four times
+# the largest vocabularies in use (~256k) and keeps a float32 embedding row table of width 4096
+# at 16 GiB; the BPE trainer itself panics (a Rust abort) near 2^31.
+MAX_VOCAB_SIZE = 1 << 20
+# A tokenizer JSON of a 2^20 vocabulary with its merges is about 60 MB; refuse more before reading.
+MAX_TOKENIZER_JSON_BYTES = 256 << 20
 CACHE_ENV_VAR = "NANOCHAT_CACHE"
 DEFAULT_CACHE_DIR = Path("~/.cache/nanochat-ternary")
 
@@ -69,19 +73,23 @@ _UNICODE_TO_BYTE = {c: b for b, c in _byte_to_unicode().items()}
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
+    from nanochat.io.atomic import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    atomic_write_text(path, text)
+
+
+def _check_text(text) -> None:
+    """ValueError unless ``text`` is a str that UTF-8 can encode (no lone surrogates: Python keeps the
+    undecodable bytes of argv and of ``errors="surrogateescape"`` reads as those)."""
+    if not isinstance(text, str):
+        raise ValueError(f"the tokenizer encodes text (str), got {type(text).__name__}.")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a tokenizer file is plain readable data
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        what = f"byte {code - 0xDC00:#04x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+        raise ValueError(f"the text is not valid UTF-8 ({what} at character {exc.start}).") from None
 
 
 class Tokenizer:
@@ -138,10 +146,24 @@ class Tokenizer:
     def from_json_str(cls, text: str, source: str = "tokenizer JSON") -> "Tokenizer":
         from tokenizers import Tokenizer as HFTokenizer
 
+        if not isinstance(text, str):
+            raise ValueError(f"{source} is not a valid tokenizer: expected JSON text, got {type(text).__name__}.")
+        if len(text) > MAX_TOKENIZER_JSON_BYTES:
+            raise ValueError(f"{source} is {len(text):,} characters, more than the {MAX_TOKENIZER_JSON_BYTES:,} "
+                             "a tokenizer may have.")
         try:
             hf = HFTokenizer.from_str(text)
         except Exception as exc:  # the Rust side raises a bare Exception
-            raise ValueError(f"{source} is not a valid tokenizer: {exc}.") from None
+            reason = " ".join(str(exc).split())
+            raise ValueError(f"{source} is not a valid tokenizer: {reason}.") from None
+        except BaseException as exc:  # a Rust panic (PanicException derives from BaseException)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+                raise
+            raise ValueError(f"{source} is not a valid tokenizer (the tokenizers library panicked: "
+                             f"{type(exc).__name__}).") from None
+        if hf.get_vocab_size(with_added_tokens=True) > MAX_VOCAB_SIZE:
+            raise ValueError(f"{source} holds {hf.get_vocab_size(with_added_tokens=True):,} tokens, more than "
+                             f"the limit of {MAX_VOCAB_SIZE:,}.")
         try:
             return cls(hf)
         except ValueError as exc:
@@ -149,11 +171,12 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Tokenizer":
+        from nanochat.io.atomic import read_regular
+
         path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"tokenizer file {path} does not exist.")
+        data = read_regular(path, MAX_TOKENIZER_JSON_BYTES, what="tokenizer file")
         try:
-            text = path.read_text(encoding="utf-8")
+            text = data.decode("utf-8")
         except UnicodeDecodeError:
             raise ValueError(f"tokenizer file {path} is not UTF-8 JSON.") from None
         return cls.from_json_str(text, source=f"tokenizer file {path}")
@@ -168,6 +191,7 @@ class Tokenizer:
 
     # -- encode / decode -----------------------------------------------------------------
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        _check_text(text)
         if not allow_special or EOT not in text:
             return self._hf.encode(text, add_special_tokens=False).ids
         ids: list[int] = []
@@ -180,6 +204,8 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode many texts at once (parallel in the Rust library); special text is plain."""
+        for text in texts:
+            _check_text(text)
         return [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:

@@ -32,10 +32,8 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import stat
 import struct
 import sys
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -44,6 +42,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from nanochat.config import Config, ConfigError, ModelConfig
+from nanochat.io.atomic import atomic_path, open_regular
 from reference import mhc as mhc_ref
 from reference.ternary import pack_ternary, quantize_weights, unpack_ternary
 
@@ -409,9 +408,7 @@ def write_loaded(path, loaded: LoadedModel, arch: str = ARCH, *, float_type: str
     tokenizer = _tokenizer_metadata(loaded.tokenizer_json, model.vocab_size, where)
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         writer = _writer_class()(tmp, arch)
         try:
             _add_metadata(writer, gguf, loaded, arch, name, tokenizer, any(t[2] == "TQ2_0" for t in tensors))
@@ -421,15 +418,8 @@ def write_loaded(path, loaded: LoadedModel, arch: str = ARCH, *, float_type: str
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
-            writer.fout[0].flush()
-            os.fsync(writer.fout[0].fileno())
         finally:
             writer.close()
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     counts: dict[str, int] = {}
     for _, _, type_name in tensors:
         counts[type_name] = counts.get(type_name, 0) + 1
@@ -743,17 +733,8 @@ def _scan_value(sc: _Scanner, vtype: int, key: str) -> _KV:
 @contextmanager
 def _mapped(path: str):
     """``(buffer, size)`` of a read-only mapping of ``path``; GGUFError if it is not a readable GGUF-sized file."""
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise GGUFError(f"{path}: the file does not exist.") from None
-    except IsADirectoryError:
-        raise GGUFError(f"{path}: the path is a directory, not a GGUF file.") from None
-    except OSError as exc:
-        raise GGUFError(f"{path}: the file cannot be opened ({exc.strerror or exc}).") from None
+    f = open_regular(path, "GGUF file", GGUFError)  # never blocks on a FIFO or device
     with f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise GGUFError(f"{path}: the path is not a regular file.")
         size = os.fstat(f.fileno()).st_size
         if size < 24:
             raise GGUFError(f"{path}: the file is {size} bytes, too short for a GGUF header (24 bytes); "
