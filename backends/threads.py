@@ -1,0 +1,258 @@
+"""One thread policy for the CPU: numba's pool and the BLAS pool, sized together.
+
+Training alternates numba kernels (numba's OpenMP pool) and float32 BLAS products (OpenBLAS's
+own pthreads pool) many times per step. Both pools are sized to the core count by default, and
+OpenBLAS's idle workers keep spinning (``sched_yield`` loops) for a while after each product.
+On an idle machine that is harmless; with one other CPU-bound process on a 2-core machine, every
+parallel region waits for a worker that the scheduler has parked behind the other process, and
+the step slowed 25x (issue 17). The policy here:
+
+- both pools get the same count ``n`` (``numba.set_num_threads`` and ``threadpoolctl`` limits
+  for BLAS and OpenMP), never more than the cores this process may run on;
+- ``n`` comes from ``NANOCHAT_THREADS`` when set (a number; ``auto`` or unset means adapt);
+- adaptively, ``ThreadPolicy.adapt()`` (called once per training step, in the training thread)
+  measures how many cores other processes kept busy since the last call (system CPU time minus
+  this process's, from ``psutil``) and uses the cores left: 2 on an idle 2-core machine, 1 when
+  another process holds a core. Leaving a core to the other process costs little; fighting it
+  for that core costs everything (every barrier waits a scheduler time slice);
+- ``OPENBLAS_THREAD_TIMEOUT`` (when set before numpy loads, see ``early_environment``) makes idle
+  OpenBLAS workers go to sleep quickly instead of spinning against numba's workers.
+
+``numba.set_num_threads`` is per calling thread: ``apply``/``adapt`` must run in the thread
+that runs the model (the trainer's main thread), not in a helper thread.
+
+Also here: where numba keeps its compiled-kernel cache (``numba_cache_dir``: a user cache
+directory, not the source tree) and whether this run will compile (``kernels_cached``), so the
+trainer can say "compiling kernels, first run only" before the first step.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+ENV_THREADS = "NANOCHAT_THREADS"
+ENV_CACHE = "NANOCHAT_CACHE"
+DEFAULT_CACHE_DIR = "~/.cache/nanochat-ternary"
+# Idle OpenBLAS workers spin for 2**timeout cycles before sleeping (OpenBLAS default 28, about
+# 0.1 s); 2**20 cycles is well under a millisecond, still long enough to bridge back-to-back products.
+OPENBLAS_TIMEOUT = "20"
+COMPILE_NOTICE = "compiling kernels, first run only"
+
+
+# --------------------------------------------------------------------------- environment
+
+def cache_root() -> Path:
+    """``$NANOCHAT_CACHE``, else ``~/.cache/nanochat-ternary`` (the data cache's root too)."""
+    return Path(os.environ.get(ENV_CACHE) or DEFAULT_CACHE_DIR).expanduser()
+
+
+def numba_cache_dir() -> Path:
+    """Where numba's compiled kernels live: ``$NUMBA_CACHE_DIR`` when the user set one, else
+    ``<cache root>/numba``."""
+    explicit = os.environ.get("NUMBA_CACHE_DIR")
+    return Path(explicit).expanduser() if explicit else cache_root() / "numba"
+
+
+def use_user_cache_dir() -> Path:
+    """Point numba's on-disk cache at ``numba_cache_dir()`` and return it.
+
+    Must run before the ``cache=True`` kernels are decorated (numba reads the directory when a
+    kernel module is imported); ``backends.numba_backend`` calls it first thing. When numba is
+    already imported its config is updated as well.
+    """
+    path = numba_cache_dir()
+    os.environ["NUMBA_CACHE_DIR"] = str(path)
+    import sys
+
+    numba = sys.modules.get("numba")
+    if numba is not None:
+        numba.config.CACHE_DIR = str(path)
+    return path
+
+
+def early_environment():
+    """Environment the thread pools read when their libraries load (call before numpy and
+    numba are imported; later it changes nothing): passive OpenMP waiting, short OpenBLAS spin,
+    numba's user cache directory, and ``NANOCHAT_THREADS`` as the starting pool size."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_TIMEOUT)
+    try:
+        fixed = requested_threads()
+    except ValueError:  # reported when the policy is applied, not at import
+        fixed = None
+    if fixed is not None:
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, str(fixed))
+    use_user_cache_dir()
+
+
+def kernels_cached(module_prefix: str = "") -> bool:
+    """True when the numba cache directory already holds compiled kernels (index files
+    ``*.nbi``) whose names start with ``module_prefix``; False means the first step compiles."""
+    root = numba_cache_dir()
+    if not root.is_dir():
+        return False
+    for _dirpath, _dirs, files in os.walk(root):
+        if any(f.endswith(".nbi") and f.startswith(module_prefix) for f in files):
+            return True
+    return False
+
+
+def compile_notice(backend, write=print) -> bool:
+    """Say ``compiling kernels, first run only`` (via ``write``) when ``backend`` is the numba
+    backend and its kernels are not in the cache yet. Returns whether it said so."""
+    if getattr(backend, "name", backend) != "numba" or kernels_cached():
+        return False
+    write(f"{COMPILE_NOTICE} (cached in {numba_cache_dir()})")
+    return True
+
+
+# --------------------------------------------------------------------------- thread counts
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def requested_threads():
+    """The count from ``NANOCHAT_THREADS`` (an int >= 1), or None for ``auto``/unset.
+
+    Raises ValueError naming the variable for anything else."""
+    raw = os.environ.get(ENV_THREADS, "").strip().lower()
+    if raw in ("", "auto", "0"):
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_THREADS} must be a positive integer or 'auto', got {raw!r}") from None
+    if n < 1:
+        raise ValueError(f"{ENV_THREADS} must be a positive integer or 'auto', got {raw!r}")
+    return n
+
+
+class _CpuMeter:
+    """Cores kept busy by other processes since the previous reading (psutil)."""
+
+    def __init__(self):
+        import psutil
+
+        self._psutil = psutil
+        self._proc = psutil.Process()
+        self._last = self._read()
+
+    def _read(self):
+        t = self._psutil.cpu_times()
+        busy = sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq", "steal"))
+        own = self._proc.cpu_times()
+        return time.monotonic(), busy, own.user + own.system
+
+    def others(self):
+        """Average number of cores other processes used since the last call (None if too soon)."""
+        now = self._read()
+        (t0, busy0, own0), (t1, busy1, own1) = self._last, now
+        if t1 - t0 < 0.05:
+            return None
+        self._last = now
+        return max(0.0, ((busy1 - busy0) - (own1 - own0)) / (t1 - t0))
+
+
+class ThreadPolicy:
+    """Sizes numba's and the BLAS/OpenMP pools together; see the module docstring.
+
+    ``ThreadPolicy(threads=None)``: a fixed count (or ``NANOCHAT_THREADS``), else adaptive.
+    ``apply()`` sets the pools now; ``adapt()`` (cheap, once per step) re-measures the other
+    processes' load and resizes when the cores left change. ``history`` records the changes
+    as ``(time, threads, others' cores)``.
+    """
+
+    def __init__(self, threads=None, adaptive=None, max_threads=None):
+        fixed = threads if threads is not None else requested_threads()
+        self.cores = available_cores()
+        self.max_threads = min(self.cores, max_threads or self.cores)
+        self.fixed = None if fixed is None else max(1, min(int(fixed), self.cores))
+        self.adaptive = (self.fixed is None) if adaptive is None else bool(adaptive)
+        self.threads = self.fixed or self.max_threads
+        self.history = []
+        self._limiter = None
+        self._meter = None
+        if self.adaptive:
+            try:
+                self._meter = _CpuMeter()
+            except Exception:  # psutil missing or /proc unreadable: stay fixed
+                self.adaptive = False
+
+    def apply(self, threads=None):
+        """Set numba's pool (this thread) and the BLAS/OpenMP pools to ``threads`` (default
+        the current choice)."""
+        n = int(threads or self.threads)
+        self.threads = n
+        try:
+            import numba
+
+            numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        except Exception:  # numba missing or its pool not startable: BLAS still limited
+            pass
+        try:
+            from threadpoolctl import threadpool_limits
+
+            # The limiter object keeps the originals; limits apply to every loaded BLAS/OpenMP
+            # library (numpy's and scipy's OpenBLAS, libgomp).
+            self._limiter = threadpool_limits(limits=n)
+        except Exception:
+            self._limiter = None
+        return n
+
+    def choose(self, others):
+        """The thread count for ``others`` cores busy elsewhere."""
+        if self.fixed is not None:
+            return self.fixed
+        free = self.cores - int(others + 0.5)
+        return max(1, min(self.max_threads, free))
+
+    def adapt(self):
+        """Re-measure and resize if needed; returns the thread count in force."""
+        if not self.adaptive or self._meter is None:
+            return self.threads
+        others = self._meter.others()
+        if others is None:
+            return self.threads
+        n = self.choose(others)
+        if n != self.threads:
+            self.history.append((time.time(), n, round(others, 2)))
+            self.apply(n)
+        return self.threads
+
+    def describe(self):
+        mode = "adaptive" if self.adaptive else "fixed"
+        return {"threads": self.threads, "mode": mode, "cores": self.cores, "changes": len(self.history)}
+
+
+_POLICY = None
+
+
+def apply_thread_policy(threads=None):
+    """Create (once) and apply the process-wide policy; returns its ``describe()`` dict.
+
+    The trainer calls this before its first step, then ``adapt_threads()`` once per step."""
+    global _POLICY
+    if _POLICY is None or threads is not None:
+        _POLICY = ThreadPolicy(threads)
+    _POLICY.apply()
+    return _POLICY.describe()
+
+
+def adapt_threads():
+    """Once per training step, in the training thread: resize the pools to the free cores.
+    A no-op (returns None) before ``apply_thread_policy``."""
+    if _POLICY is None:
+        return None
+    return _POLICY.adapt()
+
+
+def policy():
+    """The process-wide ``ThreadPolicy`` (None before ``apply_thread_policy``)."""
+    return _POLICY

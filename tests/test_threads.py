@@ -1,0 +1,91 @@
+"""backends.threads: the thread-pool policy, NANOCHAT_THREADS and numba's cache directory."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backends import threads
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_requested_threads(monkeypatch):
+    monkeypatch.delenv(threads.ENV_THREADS, raising=False)
+    assert threads.requested_threads() is None
+    monkeypatch.setenv(threads.ENV_THREADS, "auto")
+    assert threads.requested_threads() is None
+    monkeypatch.setenv(threads.ENV_THREADS, "3")
+    assert threads.requested_threads() == 3
+    for bad in ("-1", "two"):
+        monkeypatch.setenv(threads.ENV_THREADS, bad)
+        with pytest.raises(ValueError, match=threads.ENV_THREADS):
+            threads.requested_threads()
+
+
+def test_fixed_policy_is_capped_at_the_cores(monkeypatch):
+    monkeypatch.setenv(threads.ENV_THREADS, "1000")
+    pol = threads.ThreadPolicy()
+    assert not pol.adaptive
+    assert pol.threads == pol.cores == threads.available_cores()
+    assert pol.adapt() == pol.threads
+
+
+def test_choose_leaves_the_busy_cores(monkeypatch):
+    monkeypatch.delenv(threads.ENV_THREADS, raising=False)
+    pol = threads.ThreadPolicy()
+    pol.cores = pol.max_threads = 2
+    assert pol.choose(0.0) == 2
+    assert pol.choose(0.3) == 2
+    assert pol.choose(1.0) == 1
+    assert pol.choose(5.0) == 1  # never below one thread
+
+
+def test_apply_sets_numba_and_blas_pools():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    import numba
+
+    before = numba.get_num_threads()
+    blas_before = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+    try:
+        pol = threads.ThreadPolicy(threads=1)
+        pol.apply()
+        assert numba.get_num_threads() == 1
+        assert all(i["num_threads"] == 1 for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas")
+    finally:
+        numba.set_num_threads(before)
+        if blas_before:
+            threadpoolctl.threadpool_limits(limits=max(blas_before), user_api="blas")
+
+
+def test_cache_dir_follows_nanochat_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    monkeypatch.setenv(threads.ENV_CACHE, str(tmp_path))
+    assert threads.numba_cache_dir() == tmp_path / "numba"
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert threads.numba_cache_dir() == tmp_path / "elsewhere"
+
+
+def test_compile_notice(monkeypatch, tmp_path):
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    said = []
+    assert threads.compile_notice("numba", said.append)
+    assert said and said[0].startswith(threads.COMPILE_NOTICE)
+    assert not threads.compile_notice("numpy", said.append)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "linear._fold_group-1.py311.nbi").write_bytes(b"")
+    assert threads.kernels_cached()
+    assert not threads.compile_notice("numba", said.append)
+
+
+def test_numba_backend_caches_outside_the_source_tree(tmp_path):
+    """A fresh process importing the numba backend points numba's cache at the user cache."""
+    env = dict(os.environ, NANOCHAT_CACHE=str(tmp_path))
+    env.pop("NUMBA_CACHE_DIR", None)
+    code = ("import backends, numba; backends.get_backend('numba'); "
+            "print(numba.config.CACHE_DIR)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(tmp_path / "numba")
