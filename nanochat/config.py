@@ -59,6 +59,21 @@ DEFAULT_PRESET = "tiny"
 DEFAULT_SOURCE = "the built-in defaults"
 
 
+# Size bounds (docs/limits.md): what the formats and the code paths allow, far above any model
+# this project trains, so that a typo (dim = 10**9) is one sentence and never an allocation.
+# Whether a config in range fits this machine is nanochat.train.budget's memory estimate.
+MAX_VOCAB = 1 << 20        # the tokenizer's MAX_VOCAB_SIZE
+MAX_WIDTH = 1 << 16        # dim, GaLore sizes
+MAX_HIDDEN = 1 << 18       # ffn_hidden, moe_hidden
+MAX_HEADS = 1 << 12
+MAX_HEAD_DIM = 1 << 12     # DeltaNet d_k / d_v / chunk
+MAX_LAYERS = 4096          # .mhc holds at most 10000 sub-layers (2 per block)
+MAX_EXPERTS = 1024
+MAX_SEQ_LEN = 1 << 20
+MAX_BATCH = 1 << 16        # batch_size, grad_accum, eval_batches
+MAX_STEPS = 10**9          # steps and step intervals: checkpoint directory names stay <= 10 digits
+
+
 class ConfigError(ValueError):
     """A configuration problem, told in one sentence that names the source and the field."""
 
@@ -93,17 +108,17 @@ BACKEND_CHOICES = ("auto", *backends.registered())
 class ModelConfig:
     """``[model]``: the network's shape and its optional parts (MoE, DeltaNet, mHC, MTP)."""
 
-    vocab_size: int = _key(4096, "Vocabulary size; the byte-level BPE tokenizer is trained to this size.", ge=257)
-    dim: int = _key(256, "Model width C (embedding and residual size).", ge=1)
-    n_layers: int = _key(4, "Number of transformer blocks.", ge=1)
-    n_heads: int = _key(4, "Query heads; head_dim = dim / n_heads.", ge=1)
-    n_kv_heads: int = _key(4, "Key/value heads (grouped-query attention); must divide n_heads.", ge=1)
-    ffn_hidden: int = _key(768, "Hidden size of the dense FFN; a multiple of group_size.", ge=1)
+    vocab_size: int = _key(4096, "Vocabulary size; the byte-level BPE tokenizer is trained to this size.", ge=257, le=MAX_VOCAB)
+    dim: int = _key(256, "Model width C (embedding and residual size).", ge=1, le=MAX_WIDTH)
+    n_layers: int = _key(4, "Number of transformer blocks.", ge=1, le=MAX_LAYERS)
+    n_heads: int = _key(4, "Query heads; head_dim = dim / n_heads.", ge=1, le=MAX_HEADS)
+    n_kv_heads: int = _key(4, "Key/value heads (grouped-query attention); must divide n_heads.", ge=1, le=MAX_HEADS)
+    ffn_hidden: int = _key(768, "Hidden size of the dense FFN; a multiple of group_size.", ge=1, le=MAX_HIDDEN)
     ffn_type: str = _key("swiglu", "FFN gate: `swiglu` = down(silu(gate x) * up x), `relu2` = down(relu(gate x)^2 * up x).",
                          choices=("swiglu", "relu2"))
     group_size: int = _key(256, "Ternary quantisation group G (columns per weight scale); 256 keeps GGUF TQ2_0 lossless.",
                            choices=(64, 128, 256))
-    seq_len: int = _key(256, "Training context length T in tokens.", ge=1)
+    seq_len: int = _key(256, "Training context length T in tokens.", ge=1, le=MAX_SEQ_LEN)
     rope_theta: float = _key(10000.0, "RoPE base theta.", gt=0)
     norm_eps: float = _key(1e-6, "RMSNorm epsilon.", gt=0, lt=1)
     init_std: float = _key(0.02, "Standard deviation of the normal init of the embedding (and float weights).", gt=0)
@@ -112,9 +127,9 @@ class ModelConfig:
     n_streams: int = _key(1, "mHC residual streams: 1 = plain pre-norm residual, 2 or 4 = mHC.", choices=(1, 2, 4))
     mhc_mode: str = _key("dynamic", "mHC coefficients: `static` (learned per sub-layer) or `dynamic` (mHC-lite, per token).",
                          choices=("static", "dynamic"))
-    n_experts: int = _key(0, "MoE experts per MoE layer; 0 = dense FFN everywhere.", ge=0)
-    moe_top_k: int = _key(2, "Experts each token is routed to (softmax over the selected logits); at most n_experts.", ge=1)
-    moe_hidden: int = _key(0, "Hidden size of each expert (and the shared expert); 0 = ffn_hidden.", ge=0)
+    n_experts: int = _key(0, "MoE experts per MoE layer; 0 = dense FFN everywhere.", ge=0, le=MAX_EXPERTS)
+    moe_top_k: int = _key(2, "Experts each token is routed to (softmax over the selected logits); at most n_experts.", ge=1, le=MAX_EXPERTS)
+    moe_hidden: int = _key(0, "Hidden size of each expert (and the shared expert); 0 = ffn_hidden.", ge=0, le=MAX_HIDDEN)
     moe_shared_expert: bool = _key(False, "Add an always-on shared expert to every MoE layer.")
     moe_aux_loss_weight: float = _key(0.01, "Weight of the Switch-style load-balancing loss.", ge=0)
     moe_layers: Any = _key("every", "Which blocks use MoE: `every`, `every_other` (odd indices 1, 3, ...) or a list of 0-based indices.",
@@ -122,10 +137,10 @@ class ModelConfig:
     deltanet_ratio: float = _key(0.0, "Fraction of blocks whose attention is replaced by Gated DeltaNet (placed evenly, see docs).",
                                  ge=0, le=1)
     deltanet_layers: tuple = _key((), "Explicit 0-based DeltaNet block indices (instead of deltanet_ratio).", kind="int_list")
-    deltanet_heads: int = _key(0, "DeltaNet heads; 0 = n_heads.", ge=0)
-    deltanet_key_dim: int = _key(0, "DeltaNet key/query dim per head d_k; 0 = head_dim.", ge=0)
-    deltanet_value_dim: int = _key(0, "DeltaNet value dim per head d_v; 0 = head_dim.", ge=0)
-    deltanet_chunk_size: int = _key(64, "Chunk length of the chunkwise-parallel DeltaNet form.", ge=1)
+    deltanet_heads: int = _key(0, "DeltaNet heads; 0 = n_heads.", ge=0, le=MAX_HEADS)
+    deltanet_key_dim: int = _key(0, "DeltaNet key/query dim per head d_k; 0 = head_dim.", ge=0, le=MAX_HEAD_DIM)
+    deltanet_value_dim: int = _key(0, "DeltaNet value dim per head d_v; 0 = head_dim.", ge=0, le=MAX_HEAD_DIM)
+    deltanet_chunk_size: int = _key(64, "Chunk length of the chunkwise-parallel DeltaNet form.", ge=1, le=MAX_HEAD_DIM)
     mtp_n_tokens: int = _key(0, "Multi-token-prediction heads; head i predicts token t + 2 + i with weight 0.5^i.", ge=0, le=16)
     mtp_weight: float = _key(0.2, "Weight of the summed MTP loss added to the main loss.", ge=0)
 
@@ -216,17 +231,17 @@ class OptimConfig:
     scalar_optimizer: str = _key("adamw", "Optimizer of the non-Muon groups: `adamw` or `lion`.", choices=("adamw", "lion"))
     lion_betas: tuple = _key((0.9, 0.99), "Lion (beta1, beta2).", kind="float_pair", ge=0, lt=1)
     galore: bool = _key(False, "GaLore 2: keep the optimizer state of large matrices in a rank-r projected space.")
-    galore_rank: int = _key(128, "GaLore projection rank r; at most galore_min_dim.", ge=1)
-    galore_update_freq: int = _key(200, "Steps between projector refreshes (randomized SVD of the gradient).", ge=1)
+    galore_rank: int = _key(128, "GaLore projection rank r; at most galore_min_dim.", ge=1, le=MAX_WIDTH)
+    galore_update_freq: int = _key(200, "Steps between projector refreshes (randomized SVD of the gradient).", ge=1, le=MAX_STEPS)
     galore_scale: float = _key(1.0, "Scale of the update projected back to full size (1.0 keeps Muon's learning rate meaning; the GaLore paper's 0.25 was tuned for AdamW).", gt=0)
-    galore_min_dim: int = _key(256, "Only matrices with min(rows, cols) >= this are projected.", ge=1)
+    galore_min_dim: int = _key(256, "Only matrices with min(rows, cols) >= this are projected.", ge=1, le=MAX_WIDTH)
     galore_inner: str = _key("muon", "Optimizer GaLore wraps: `muon` or `adamw`.", choices=("muon", "adamw"))
-    galore_oversample: int = _key(8, "Extra columns of the randomized SVD sketch.", ge=0)
-    galore_power_iters: int = _key(2, "Power iterations of the randomized SVD.", ge=0)
+    galore_oversample: int = _key(8, "Extra columns of the randomized SVD sketch.", ge=0, le=MAX_HEAD_DIM)
+    galore_power_iters: int = _key(2, "Power iterations of the randomized SVD.", ge=0, le=100)
     galore_projector_dtype: str = _key("float16", "Storage dtype of the GaLore projectors (`float16` halves their memory; math runs in float32).",
                                        choices=("float16", "float32"))
     grad_clip: float = _key(1.0, "Clip gradients to this global L2 norm; 0 = no clipping.", ge=0)
-    warmup_steps: int = _key(20, "Linear warmup steps (step 0 already warms up).", ge=0)
+    warmup_steps: int = _key(20, "Linear warmup steps (step 0 already warms up).", ge=0, le=MAX_STEPS)
     decay_frac: float = _key(0.2, "Fraction of the run (at its end) over which the learning rate decays.", ge=0, le=1)
     min_lr_ratio: float = _key(0.1, "Final learning rate as a fraction of the base rate.", ge=0, le=1)
     decay: str = _key("cosine", "Shape of the decay: `cosine` or `linear`.", choices=("cosine", "linear"))
@@ -236,24 +251,24 @@ class OptimConfig:
 class TrainConfig:
     """``[train]``: run length, batching, evaluation, logging, checkpoints, loader, backend."""
 
-    steps: int = _key(400, "Optimizer steps.", ge=1)
-    batch_size: int = _key(8, "Sequences per micro-batch.", ge=1)
-    grad_accum: int = _key(1, "Micro-batches accumulated per optimizer step.", ge=1)
-    seed: int = _key(1337, "Seed of the parameter init, data order and sampling.", ge=0)
-    eval_every: int = _key(100, "Steps between validation-loss evaluations; 0 = only at the end.", ge=0)
-    eval_batches: int = _key(8, "Validation batches per evaluation.", ge=1)
-    log_every: int = _key(10, "Steps between metric log lines (JSONL and TensorBoard).", ge=1)
-    checkpoint_every: int = _key(0, "Steps between checkpoints; 0 = only at the end.", ge=0)
-    keep_last_k: int = _key(2, "Checkpoints kept on disk (older ones are deleted).", ge=1)
-    max_nonfinite_steps: int = _key(5, "Stop after this many non-finite steps in a row (each is skipped).", ge=1)
+    steps: int = _key(400, "Optimizer steps.", ge=1, le=MAX_STEPS)
+    batch_size: int = _key(8, "Sequences per micro-batch.", ge=1, le=MAX_BATCH)
+    grad_accum: int = _key(1, "Micro-batches accumulated per optimizer step.", ge=1, le=MAX_BATCH)
+    seed: int = _key(1337, "Seed of the parameter init, data order and sampling.", ge=0, le=2**63 - 2)
+    eval_every: int = _key(100, "Steps between validation-loss evaluations; 0 = only at the end.", ge=0, le=MAX_STEPS)
+    eval_batches: int = _key(8, "Validation batches per evaluation.", ge=1, le=MAX_BATCH)
+    log_every: int = _key(10, "Steps between metric log lines (JSONL and TensorBoard).", ge=1, le=MAX_STEPS)
+    checkpoint_every: int = _key(0, "Steps between checkpoints; 0 = only at the end.", ge=0, le=MAX_STEPS)
+    keep_last_k: int = _key(2, "Checkpoints kept on disk (older ones are deleted).", ge=1, le=10000)
+    max_nonfinite_steps: int = _key(5, "Stop after this many non-finite steps in a row (each is skipped).", ge=1, le=MAX_STEPS)
     collider_sparsity: float = _key(0.0, "Collider: fraction of lowest-loss tokens per sequence filtered from the backward.",
                                     ge=0, lt=1)
-    sample_tokens: int = _key(64, "Tokens generated as a sample at the end of the run; 0 = none.", ge=0)
+    sample_tokens: int = _key(64, "Tokens generated as a sample at the end of the run; 0 = none.", ge=0, le=MAX_SEQ_LEN)
     sample_prompt: str = _key("def ", "Prompt of the end-of-run sample.")
     sample_temperature: float = _key(0.8, "Temperature of the end-of-run sample; 0 = greedy.", ge=0)
     async_loader: bool = _key(True, "Prefetch batches in background workers (same batches as the synchronous loader).")
-    loader_workers: int = _key(1, "Background loader workers.", ge=1)
-    loader_prefetch: int = _key(4, "Batches the asynchronous loader queues ahead.", ge=1)
+    loader_workers: int = _key(1, "Background loader workers.", ge=1, le=64)
+    loader_prefetch: int = _key(4, "Batches the asynchronous loader queues ahead.", ge=1, le=1024)
     backend: str = _key("auto", "Op backend: `auto` (cupy with a working GPU, else numba), `numpy`, `numba` or `cupy`.",
                         choices=BACKEND_CHOICES)
     dtype: str = _key("float32", "Float dtype of parameters and activations.", choices=("float32", "float64"))
@@ -267,7 +282,7 @@ class DataConfig:
 
     path: str = _key("", "Text file, directory of text files or pre-tokenized .bin; empty = the Python stdlib corpus.")
     val_fraction: float = _key(0.01, "Fraction of documents (by path hash) held out for validation.", gt=0, le=0.5)
-    tokenizer_train_bytes: int = _key(0, "Bytes of training text the tokenizer learns from; 0 = all of it.", ge=0)
+    tokenizer_train_bytes: int = _key(0, "Bytes of training text the tokenizer learns from; 0 = all of it.", ge=0, le=1 << 50)
     cache_dir: str = _key("", "Cache for tokenizers and token shards; empty = ~/.cache/nanochat-ternary.")
 
 

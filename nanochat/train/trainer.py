@@ -31,6 +31,7 @@ from nanochat.io.checkpoint import (CheckpointError, find_nonfinite, load_checkp
                          save_checkpoint)
 from nanochat.cli.common import backend_choices
 from nanochat.config import Config, ConfigError, available_presets, load_config
+from nanochat.train.budget import check_memory, describe, format_bytes
 from nanochat.train.metrics import MetricsLogger, plot_losses
 from nanochat.model.gpt import Model, is_muon_param
 
@@ -167,6 +168,7 @@ class Trainer:
         self.progress = progress
         # Read the checkpoint first: a bad one should fail before minutes of data preparation.
         ck = resume if isinstance(resume, dict) or resume is None else load_checkpoint(resume)
+        self.memory = check_memory(cfg)  # a config that cannot fit is one sentence, before any allocation
         self.be = backend_for(cfg)
         self.out_dir = Path(out_dir or cfg.train.out_dir or default_out_dir())
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -569,6 +571,7 @@ def main(argv=None):
     print(f"backend: {trainer.be.name} ({trainer.be.description}); out: {trainer.out_dir}")
     print(f"model: {m.num_parameters():,} parameters ("
           + ", ".join(f"{k} {v:,}" for k, v in sorted(m.parameter_breakdown().items())) + ")")
+    print(f"memory: estimated {describe(trainer.memory)}; limit {format_bytes(trainer.memory['limit'])}")
     print(f"data: {len(trainer.data.train_tokens):,} train tokens, {len(trainer.data.val_tokens):,} val tokens; "
           f"{cfg.train.steps} steps x {cfg.train.batch_size * cfg.model.seq_len * cfg.train.grad_accum:,} tokens"
           + (f"; resuming at step {trainer.state.step}" if ck else ""))
