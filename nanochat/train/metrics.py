@@ -7,8 +7,9 @@ applied so far) and ``tokens`` (training tokens behind them):
   next-token loss), ``mtp``, ``moe_aux``, ``grad_norm`` (before clipping), ``lr`` (Muon rate),
   ``lr_multiplier``, ``tokens_per_sec``, ``data_wait_frac``, ``time_forward``/``time_backward``/
   ``time_optimizer``/``time_data_wait``/``time_step`` (seconds per step over the window),
-  ``loader_wait_total``, ``expert_load`` (per MoE layer, token slots per expert) and, with mHC,
-  ``composite_gain``.
+  ``loader_wait_total``, ``expert_load`` (per MoE layer, token slots per expert),
+  ``kept_fraction`` (Collider: the fraction of tokens whose gradients the backward ran on; 1.0
+  without Collider) and, with mHC, ``composite_gain``.
 - ``val``: ``val_loss`` (mean main CE over the validation windows).
 - ``skip``: a non-finite step that was not applied: ``loss``, ``grad_norm``, ``nonfinite_in_row``.
 - ``summary`` (end of a ``train()`` call): ``skipped_steps``, ``interrupted``, ``seconds``, ``val_loss``.
@@ -33,6 +34,7 @@ TB_TAGS = {
     "tokens_per_sec": "perf/tokens_per_sec",
     "data_wait_frac": "perf/data_wait_frac",
     "composite_gain": "mhc/composite_gain",
+    "kept_fraction": "collider/kept_fraction",
 }
 
 

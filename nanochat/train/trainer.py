@@ -291,6 +291,7 @@ class Trainer:
         record = {
             "loss": loss_sum / accum, "ce": ce_sum / accum, "mtp": mtp_sum / accum, "moe_aux": aux_sum / accum,
             "times": times, "expert_load": [list(map(int, load)) for load in loads],
+            "kept_fraction": res.kept_fraction,  # Collider: the same for every micro-batch (floor(s * T) per row)
         }
         if model.last_h_res:
             record["composite_gain"] = float(be.composite_gain(model.last_h_res))
