@@ -191,10 +191,10 @@ def test_missing_directory_and_missing_files(tmp_path):
 @pytest.mark.parametrize("content, problem", [
     ("{not json", "invalid JSON"),
     ("[1, 2]", "expected a JSON object"),
-    ('{"tokens": 0, "data_step": 0, "rng": {}}', "missing field 'step'"),
-    ('{"step": -1, "tokens": 0, "data_step": 0, "rng": {}}', "field 'step' must be a non-negative integer"),
-    ('{"step": 1, "tokens": 0, "data_step": 0, "rng": {"bit_generator": "seed"}}', "does not hold a numpy bit generator"),
-    ('{"step": 1, "tokens": 0, "data_step": 0, "rng": {"bit_generator": "PCG64", "state": 3}}', "not a valid PCG64 state"),
+    ('{"tokens": 0, "data_step": 0, "rng": {}}', "step: the field is missing"),
+    ('{"step": -1, "tokens": 0, "data_step": 0, "rng": {}}', "step: must be a non-negative integer"),
+    ('{"step": 1, "tokens": 0, "data_step": 1, "rng": {"bit_generator": "seed"}}', "does not hold a numpy bit generator"),
+    ('{"step": 1, "tokens": 0, "data_step": 1, "rng": {"bit_generator": "PCG64", "state": 3}}', "not a valid PCG64 state"),
 ])
 def test_bad_state_json(tmp_path, content, problem):
     path = save(tmp_path / "ck", 1)
@@ -223,7 +223,7 @@ def test_nonfinite_tensors_are_rejected_on_load(tmp_path, name, value):
     key = "norm" if name == "model.safetensors" else "scalars/0.m"
     tensors[key][1] = value
     safetensors.numpy.save_file(tensors, str(path / name))
-    with pytest.raises(CheckpointError, match=f"tensor {key} has NaN or Inf values") as exc:
+    with pytest.raises(CheckpointError, match=f"{key}: the tensor has NaN or Inf values") as exc:
         load_checkpoint(path)
     assert str(path / name) in one_sentence(exc)
 

@@ -32,6 +32,17 @@ FILES = ("model.safetensors", "optimizer.safetensors", "config.toml", "state.jso
 # state.json fields a resume needs, with their JSON types.
 _STATE_FIELDS = {"step": int, "tokens": int, "data_step": int, "rng": dict}
 _BIT_GENERATORS = ("PCG64", "PCG64DXSM", "Philox", "SFC64", "MT19937")
+# Bounds of a checkpoint's files (docs/limits.md). MAX_STEP is config.MAX_STEPS: a step past it
+# could not have been trained, and would name a step-4611686018427387904 directory on save.
+MAX_STEP = 10**9
+MAX_COUNT = 2**62                      # tokens, data_step: int64-safe
+MAX_STATE_BYTES = 64 << 20             # state.json: a million validation points fit in 40 MB
+MAX_CONFIG_BYTES = 1 << 20             # config.toml (config.MAX_CONFIG_BYTES)
+MAX_JSON_DEPTH = 32                    # state.json nests 4 levels deep
+# safetensors dtypes each file may hold: weights are float; optimizer state adds int8 momentum,
+# uint8 codes and int64 step counters.
+_MODEL_DTYPES = ("F64", "F32", "F16")
+_OPTIMIZER_DTYPES = ("F64", "F32", "F16", "I64", "I32", "I8", "U8")
 
 
 class CheckpointError(ValueError):
@@ -108,11 +119,36 @@ def save_checkpoint(root, step, params, optimizer_state, config_toml, state, tok
         raise
     for stale in root.glob(".tmp-step-*"):  # leftovers of a crashed earlier write
         shutil.rmtree(stale, ignore_errors=True)
+    _remove_half_pruned(root, step)
     if keep_last > 0:
         others = [p for p in list_checkpoints(root) if p != final]
         for old in others[: max(0, len(others) - (keep_last - 1))]:
-            shutil.rmtree(old, ignore_errors=True)
+            _prune(root, old)
     return final
+
+
+def _prune(root, path):
+    """Delete a checkpoint directory: renamed aside first, so an interrupted delete never leaves a
+    half-deleted ``step-N`` behind (the ``.del-`` leftover is removed by the next save)."""
+    doomed = root / f".del-{path.name}-{os.getpid()}"
+    try:
+        os.replace(path, doomed)
+    except OSError:
+        doomed = path
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _remove_half_pruned(root, step):
+    """Remove what interrupted prunes left: ``.del-step-*`` directories, and older ``step-N``
+    directories missing some of their files (pruned before deletes were renamed aside; no
+    complete write ever leaves one, so they can never be loaded)."""
+    for p in root.iterdir():
+        if p.name.startswith(".del-step-") and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            continue
+        m = _STEP_DIR.match(p.name)
+        if m and int(m.group(1)) < step and p.is_dir() and not all((p / f).is_file() for f in FILES):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _c_order(a):
@@ -176,9 +212,17 @@ def load_checkpoint(path):
     missing = [f for f in FILES if not (path / f).is_file()]
     if missing:
         raise CheckpointError(f"{path}: not a complete checkpoint (missing {', '.join(missing)})")
+    # The small files first: a bad state.json or config fails before any tensor is read.
+    state = _read_state(path / "state.json")
+    m = _STEP_DIR.match(path.name)
+    if m and int(m.group(1)) != state["step"]:
+        raise CheckpointError(f"{path / 'state.json'}: step: {state['step']} does not match the directory name "
+                              f"{path.name}")
+    config_toml = _read_small_text(path / "config.toml", MAX_CONFIG_BYTES)
     arrays = {}
-    for name in ("model.safetensors", "optimizer.safetensors"):
+    for name, dtypes in (("model.safetensors", _MODEL_DTYPES), ("optimizer.safetensors", _OPTIMIZER_DTYPES)):
         file = path / name
+        _check_safetensors_header(file, dtypes)
         try:
             arrays[name] = load_file(str(file))
         except Exception as exc:  # safetensors raises its own error types for every kind of damage
@@ -186,12 +230,8 @@ def load_checkpoint(path):
             raise CheckpointError(f"{file}: cannot read safetensors data ({reason})") from None
         bad = find_nonfinite(arrays[name])
         if bad is not None:
-            raise CheckpointError(f"{file}: tensor {bad} has NaN or Inf values")
-    state = _read_state(path / "state.json")
-    try:
-        config_toml = (path / "config.toml").read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path / 'config.toml'}: cannot read the file ({exc})") from None
+            raise CheckpointError(f"{file}: {bad}: the tensor has NaN or Inf values")
+    _check_optimizer_arrays(path / "optimizer.safetensors", arrays["optimizer.safetensors"], state["step"])
     return {
         "params": arrays["model.safetensors"],
         "optimizer": arrays["optimizer.safetensors"],
@@ -202,24 +242,147 @@ def load_checkpoint(path):
     }
 
 
-def _read_state(file):
+def _read_small_text(file, limit):
+    from nanochat.io.atomic import read_regular
+
+    data = read_regular(file, limit, what="file", error=CheckpointError)
     try:
-        state = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{file}: cannot read the file ({exc})") from None
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{file}: the file is not UTF-8 text (bad byte at offset {exc.start})") from None
+
+
+def _depth(value, limit, depth=0):
+    """Nesting depth of parsed JSON, stopping once past ``limit``."""
+    if depth > limit:
+        return depth
+    if isinstance(value, dict):
+        return max((_depth(v, limit, depth + 1) for v in value.values()), default=depth + 1)
+    if isinstance(value, list):
+        return max((_depth(v, limit, depth + 1) for v in value), default=depth + 1)
+    return depth
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _read_state(file):
+    text = _read_small_text(file, MAX_STATE_BYTES)
+    try:
+        state = json.loads(text)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{file}: invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise CheckpointError(f"{file}: the JSON nests deeper than {MAX_JSON_DEPTH} levels") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(state).__name__}")
+    if _depth(state, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
+        raise CheckpointError(f"{file}: the JSON nests deeper than {MAX_JSON_DEPTH} levels")
     for key, kind in _STATE_FIELDS.items():
         value = state.get(key)
         if value is None:
-            raise CheckpointError(f"{file}: missing field {key!r}")
+            raise CheckpointError(f"{file}: {key}: the field is missing")
         if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
-            raise CheckpointError(f"{file}: field {key!r} must be a {'non-negative integer' if kind is int else 'JSON object'}, "
-                                  f"got {value!r}")
+            raise CheckpointError(f"{file}: {key}: must be a {'non-negative integer' if kind is int else 'JSON object'}, "
+                                  f"got {_show(value)}")
+    for key, top in (("step", MAX_STEP), ("tokens", MAX_COUNT), ("data_step", MAX_COUNT)):
+        if state[key] > top:
+            raise CheckpointError(f"{file}: {key}: {state[key]} is past the limit of {top} (docs/limits.md)")
+    if state["data_step"] < state["step"]:
+        raise CheckpointError(f"{file}: data_step: {state['data_step']} micro-batches cannot make {state['step']} steps")
+    skipped = state.get("skipped_steps", 0)
+    if isinstance(skipped, bool) or not isinstance(skipped, int) or not 0 <= skipped <= state["data_step"]:
+        raise CheckpointError(f"{file}: skipped_steps: must be an integer in [0, data_step = {state['data_step']}], "
+                              f"got {_show(skipped)}")
+    for key in ("backend", "tokenizer"):
+        if key in state and not isinstance(state[key], str):
+            raise CheckpointError(f"{file}: {key}: must be a string, got {_show(state[key])}")
+    if state.get("tokenizer", "tokenizer.json") != "tokenizer.json":
+        raise CheckpointError(f"{file}: tokenizer: must be 'tokenizer.json', got {_show(state['tokenizer'])}")
+    _check_history(file, state.get("val_history", []), state["step"])
     rng_from_json(state["rng"], where=file)  # validates it
     return state
+
+
+def _check_history(file, history, step):
+    if not isinstance(history, list):
+        raise CheckpointError(f"{file}: val_history: must be a list of [step, loss] pairs, got {_show(history)}")
+    last = -1
+    for i, entry in enumerate(history):
+        ok = isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int) \
+            and not isinstance(entry[0], bool) and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool)
+        if not ok:
+            raise CheckpointError(f"{file}: val_history[{i}]: must be a [step, loss] pair, got {_show(entry)}")
+        if not last <= entry[0] <= step:
+            raise CheckpointError(f"{file}: val_history[{i}]: step {entry[0]} is out of order or past the "
+                                  f"checkpoint's step {step}")
+        last = entry[0]
+
+
+def _check_safetensors_header(file, dtypes):
+    """Read the safetensors header alone (8-byte length + JSON) and refuse dtypes this file never holds."""
+    from nanochat.io.atomic import open_regular
+
+    with open_regular(file, what="file", error=CheckpointError) as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{file}: header: cannot read safetensors data (the file is {size} bytes, too short "
+                                  "for a header)")
+        n = int.from_bytes(head, "little")
+        if n > min(size - 8, 100 << 20):
+            raise CheckpointError(f"{file}: header: cannot read safetensors data (it announces {n} bytes of JSON, "
+                                  f"more than the file holds or than 100 MiB)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise CheckpointError(f"{file}: header: cannot read safetensors data (not UTF-8 JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: header: cannot read safetensors data (not a JSON object)")
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        if dtype not in dtypes:
+            raise CheckpointError(f"{file}: {name}: dtype {_show(dtype)} is not one this file holds "
+                                  f"({', '.join(dtypes)})")
+
+
+def _check_optimizer_arrays(file, arrays, step):
+    """Key layout ``GROUP/INDEX.NAME``; step counters are int64 scalars in [0, step]."""
+    for key, a in arrays.items():
+        group, _, rest = key.partition("/")
+        index, _, name = rest.partition(".")
+        if not group or not index.isdigit() or not name:
+            raise CheckpointError(f"{file}: {key}: not a GROUP/INDEX.NAME optimizer state key")
+        if name == "step":
+            if a.dtype != np.int64 or a.shape != ():
+                raise CheckpointError(f"{file}: {key}: a step counter must be an int64 scalar, got {a.dtype} {a.shape}")
+            if not 0 <= int(a) <= max(step, 0) + 1:
+                raise CheckpointError(f"{file}: {key}: step counter {int(a)} is outside [0, {step}] "
+                                      f"(the checkpoint's step)")
+
+
+def check_optimizer_coverage(file, arrays, groups, step):
+    """After step 0 every parameter of every optimizer group has state: CheckpointError naming the
+    first that has none (a partial file would silently restart that parameter's momentum).
+
+    ``groups`` maps a group label to its number of parameters."""
+    if step == 0:
+        return
+    present = {}
+    for key in arrays:
+        group, _, rest = key.partition("/")
+        present.setdefault(group, set()).add(int(rest.partition(".")[0]))
+    for label, n in groups.items():
+        have = present.get(label, set())
+        missing = [i for i in range(n) if i not in have]
+        if missing:
+            raise CheckpointError(f"{file}: {label}/{missing[0]}: no optimizer state for this parameter "
+                                  f"({len(missing)} of {n} in group {label!r} missing) at step {step}")
 
 
 def rng_state_to_json(rng):
@@ -231,11 +394,12 @@ def rng_from_json(state, where="RNG state"):
     """A numpy Generator restored from ``rng_state_to_json`` output (CheckpointError if it is not one)."""
     name = state.get("bit_generator") if isinstance(state, dict) else None
     if name not in _BIT_GENERATORS:
-        raise CheckpointError(f"{where}: field 'rng' does not hold a numpy bit generator state "
+        raise CheckpointError(f"{where}: rng: does not hold a numpy bit generator state "
                               f"(bit_generator {name!r}, expected one of {', '.join(_BIT_GENERATORS)})")
     bg = getattr(np.random, name)()
     try:
         bg.state = state
-    except (TypeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{where}: field 'rng' is not a valid {name} state ({exc})") from None
+    except Exception as exc:  # numpy raises TypeError, ValueError, KeyError, OverflowError, ...
+        reason = " ".join(str(exc).split())[:200]
+        raise CheckpointError(f"{where}: rng: not a valid {name} state ({type(exc).__name__}: {reason})") from None
     return np.random.Generator(bg)

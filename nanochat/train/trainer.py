@@ -27,8 +27,8 @@ import backends
 from reference.autograd import no_grad
 from reference import optim as ref_optim
 
-from nanochat.io.checkpoint import (CheckpointError, find_nonfinite, load_checkpoint, rng_from_json, rng_state_to_json,
-                         save_checkpoint)
+from nanochat.io.checkpoint import (CheckpointError, check_optimizer_coverage, find_nonfinite, load_checkpoint,
+                                    rng_from_json, rng_state_to_json, save_checkpoint)
 from nanochat.cli.common import backend_choices
 from nanochat.config import Config, ConfigError, available_presets, load_config
 from nanochat.train.budget import check_memory, describe, format_bytes
@@ -245,6 +245,8 @@ class Trainer:
         if stray:
             raise CheckpointError(f"{path / 'optimizer.safetensors'}: state {stray[0]!r} belongs to no optimizer group "
                                   f"of this config (was the optimizer changed?)")
+        check_optimizer_coverage(path / "optimizer.safetensors", ck["optimizer"],
+                                 {label: len(opt.params) for label, opt, _ in self.optimizers}, ck["state"]["step"])
         # Only now, with everything checked, replace the weights (copies: the loaded arrays may be read-only).
         for name, p in self.model.params.items():
             p.data = self.be.asarray(np.array(params[name], dtype=self.model.dtype, copy=True))
