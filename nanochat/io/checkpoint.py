@@ -290,12 +290,9 @@ def _read_state(file):
     for key, top in (("step", MAX_STEP), ("tokens", MAX_COUNT), ("data_step", MAX_COUNT)):
         if state[key] > top:
             raise CheckpointError(f"{file}: {key}: {state[key]} is past the limit of {top} (docs/limits.md)")
-    if state["data_step"] < state["step"]:
-        raise CheckpointError(f"{file}: data_step: {state['data_step']} micro-batches cannot make {state['step']} steps")
     skipped = state.get("skipped_steps", 0)
-    if isinstance(skipped, bool) or not isinstance(skipped, int) or not 0 <= skipped <= state["data_step"]:
-        raise CheckpointError(f"{file}: skipped_steps: must be an integer in [0, data_step = {state['data_step']}], "
-                              f"got {_show(skipped)}")
+    if isinstance(skipped, bool) or not isinstance(skipped, int) or not 0 <= skipped <= MAX_COUNT:
+        raise CheckpointError(f"{file}: skipped_steps: must be an integer in [0, {MAX_COUNT}], got {_show(skipped)}")
     for key in ("backend", "tokenizer"):
         if key in state and not isinstance(state[key], str):
             raise CheckpointError(f"{file}: {key}: must be a string, got {_show(state[key])}")

@@ -620,6 +620,7 @@ _MAX_KEY_BYTES = 1 << 16
 _MAX_NAME_BYTES = 1 << 12
 _MAX_DIMS = 4
 _MAX_ALIGNMENT = 1 << 16
+_MAX_STRING_ITEMS = 4 << 20          # tokens and merges of the largest vocabulary (2^20) with room to spare
 _MIN_KV_BYTES = 8 + 4 + 1            # key length, value type, smallest value
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8
 
@@ -712,6 +713,8 @@ def _scan_value(sc: _Scanner, vtype: int, key: str) -> _KV:
     if subtype == V.STRING:
         if count > (sc.size - sc.pos) // 8:
             sc.fail(f"{what} announces {count} strings, more than the rest of the file can hold")
+        if count > _MAX_STRING_ITEMS:  # each becomes a Python str: bound the object count, not only the bytes
+            sc.fail(f"{what} announces {count} strings, more than the limit of {_MAX_STRING_ITEMS}")
         items = [sc.string(f"item {i} of {what}") for i in range(count)]
         return _KV(vtype, subtype, items)
     if subtype not in formats:
@@ -942,6 +945,7 @@ def _check_bitnet_metadata(header: _Header, model: ModelConfig, path) -> None:
 def _tokenizer_from_metadata(header: _Header, model: ModelConfig, path) -> str | None:
     key = ARCH + ".tokenizer_json"
     if key not in header.kv:
+        _check_ggml_tokenizer(header, model, path, None)
         return None
     text = _require(header, key, ("str",), path)
     from nanochat.data.tokenizer import Tokenizer
@@ -962,7 +966,50 @@ def _tokenizer_from_metadata(header: _Header, model: ModelConfig, path) -> str |
         if len(tokens) != model.vocab_size:
             _fail(path, f"metadata key 'tokenizer.ggml.tokens' lists {len(tokens)} tokens, expected "
                         f"model.vocab_size = {model.vocab_size}")
+    _check_ggml_tokenizer(header, model, path, _tokenizer_metadata(text, model.vocab_size, path))
     return text
+
+
+def _check_ggml_tokenizer(header: _Header, model: ModelConfig, path, expected) -> None:
+    """The ``tokenizer.ggml.*`` keys (what llama.cpp reads) must be types and sizes that make sense,
+    and, when the file embeds its tokenizer JSON (``expected``: what the writer derives from it),
+    say exactly what that tokenizer says: tokens, token types, merges, BOS/EOS ids."""
+    kv = header.kv
+    V = model.vocab_size
+    if "tokenizer.ggml.model" in kv:
+        name = _require(header, "tokenizer.ggml.model", ("str",), path)
+        if name != "gpt2":
+            _fail(path, f"metadata key 'tokenizer.ggml.model' is {name[:40]!r}, expected 'gpt2' (byte-level BPE)")
+    if "tokenizer.ggml.token_type" in kv:
+        types = _require(header, "tokenizer.ggml.token_type", ("int_array",), path)
+        if len(types) != V:
+            _fail(path, f"metadata key 'tokenizer.ggml.token_type' lists {len(types)} types, expected "
+                        f"model.vocab_size = {V}")
+        bad = next((t for t in types if not 1 <= t <= 6), None)
+        if bad is not None:
+            _fail(path, f"metadata key 'tokenizer.ggml.token_type' holds {bad}, not a llama.cpp token type (1 to 6)")
+        if expected is not None and types != expected["types"]:
+            _fail(path, "metadata key 'tokenizer.ggml.token_type' differs from the embedded tokenizer's token types")
+    if "tokenizer.ggml.merges" in kv:
+        merges = _require(header, "tokenizer.ggml.merges", ("str_array",), path)
+        if len(merges) > V:
+            _fail(path, f"metadata key 'tokenizer.ggml.merges' lists {len(merges)} merges, more than "
+                        f"model.vocab_size = {V}")
+        bad = next((i for i, m in enumerate(merges) if len(m.split(" ")) != 2 or "" in m.split(" ")), None)
+        if bad is not None:
+            _fail(path, f"metadata key 'tokenizer.ggml.merges' item {bad} is not two tokens separated by one space")
+        if expected is not None and merges != expected["merges"]:
+            _fail(path, "metadata key 'tokenizer.ggml.merges' differs from the embedded tokenizer's merges")
+    if expected is not None and "tokenizer.ggml.tokens" in kv and kv["tokenizer.ggml.tokens"].value != expected["tokens"]:
+        _fail(path, "metadata key 'tokenizer.ggml.tokens' differs from the embedded tokenizer's vocabulary")
+    for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"):
+        if key in kv:
+            value = _require(header, key, ("int",), path)
+            if not 0 <= value < V:
+                _fail(path, f"metadata key {key!r} is {value}, outside the vocabulary [0, {V})")
+            if expected is not None and value != expected["eot"]:
+                _fail(path, f"metadata key {key!r} is {value}, but the embedded tokenizer's end-of-text id is "
+                            f"{expected['eot']}")
 
 
 # --- reading: tensors ---------------------------------------------------------------------------
