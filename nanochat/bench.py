@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from nanochat.cli.common import backend_choices
+from nanochat.train.losses import compute_loss
 
 E3_PRESETS = ("e3_baseline", "e3_mtp_only", "e3_muon_8bit", "e3_galore2", "e3_full")
 MICRO_BENCHMARKS = ("collider", "loader")
@@ -391,7 +392,7 @@ def run_collider(plan, out_dir):
 
     def once(batch, sparsity):
         t0 = time.perf_counter()
-        res = model.forward(batch, collider_sparsity=sparsity)
+        res = compute_loss(model, batch, collider_sparsity=sparsity)
         be.synchronize()
         t1 = time.perf_counter()
         res.loss.backward()
@@ -416,7 +417,7 @@ def run_collider(plan, out_dir):
     passes = {mode: [] for mode in modes}
     for rep in range(plan.profile_reps):
         for mode in (list(modes) if rep % 2 == 0 else list(modes)[::-1]):
-            res = model.forward(source.batch_at(rep + 1), collider_sparsity=modes[mode])
+            res = compute_loss(model, source.batch_at(rep + 1), collider_sparsity=modes[mode])
             with BackwardProfile(res.loss, be.synchronize) as prof:
                 res.loss.backward()
             _clear_grads(model)

@@ -22,6 +22,7 @@ from nanochat.infer.engine import (
     sample_next,
 )
 from nanochat.model.gpt import Model
+from nanochat.train.losses import compute_loss
 from reference.autograd import no_grad
 
 pytestmark = pytest.mark.engine
@@ -180,7 +181,7 @@ def test_prefill_uses_packed_gemm_and_decode_uses_packed_gemv():
     engine = Engine(loaded_from_model(model, cfg), spy)
     # q/k/v and gate/up are stacked: per layer one product for q/k/v, wo, gate/up, w_down.
     n_products = 4 * cfg.model.n_layers
-    assert len(engine.linear) == n_products < len(expected_tensors(cfg.model)[1])
+    assert len(engine.linear.matrices) == n_products < len(expected_tensors(cfg.model)[1])
     engine.feed(token_ids(6))
     assert calls == {"gemm": n_products, "gemv": 0}
     engine.step(5)
@@ -433,7 +434,7 @@ def test_eval_cli_reports_loss_perplexity_and_bits_per_byte(trained_checkpoint, 
         ids += tok.encode(d.read()) + ([tok.eot_id] if d.ends_document else [])
     batches = list(val_batches(np.asarray(ids), 2, 16, 2))
     with no_grad():
-        losses = [model.forward(b, need_token_losses=True).token_losses for b in batches]
+        losses = [compute_loss(model, b, need_token_losses=True).token_losses for b in batches]
     nats = float(np.concatenate([l.reshape(-1) for l in losses]).astype(np.float64).sum())
     n_bytes = sum(len(tok.token_bytes(int(t))) for b in batches for t in b[:, 1:].reshape(-1))
     assert got["tokens"] == sum(b[:, 1:].size for b in batches) and got["bytes"] == n_bytes

@@ -19,7 +19,8 @@ import pytest
 
 import backends
 from nanochat.config import load_config
-from nanochat.model.gpt import Model, collider_keep, is_muon_param
+from nanochat.model.gpt import Model
+from nanochat.train.losses import collider_keep, compute_loss
 from reference import ternary as ref_ternary
 from reference.autograd import Function, Tensor, no_grad
 
@@ -50,8 +51,8 @@ def grads(model):
 
 
 def bitlinear_names(model):
-    """Names of the ternary (BitLinear) weights: the Muon-group matrices except the float gate projections."""
-    return {n for n, p in model.params.items() if is_muon_param(n, p.shape) and not n.endswith((".wa", ".wbeta"))}
+    """Names of the ternary (BitLinear) weights, from the parameter table."""
+    return {spec.name for spec in model.table if spec.ternary}
 
 
 # ----------------------------------------------------------------------- probing ternary_linear
@@ -115,7 +116,7 @@ def hand_mtp_loss(model, tokens):
     b, t1 = tokens.shape
     t = t1 - 1
     with no_grad():
-        h, _, _ = model.trunk(tokens[:, :-1], None)
+        h = model.forward(tokens[:, :-1]).hidden
         total = 0.0
         for i in range(c.mtp_n_tokens):
             z = h + be.ternary_linear(be.rmsnorm(h, P[f"mtp.{i}.norm"], eps=c.norm_eps), P[f"mtp.{i}.proj"], c.group_size)
@@ -134,7 +135,7 @@ def test_mtp_heads_predict_t_plus_2_plus_i_with_halving_weights(n_heads):
     cfg = model_cfg(mtp=n_heads)
     model = Model(cfg, backends.get_backend("numpy"), seed=3)
     tokens = batch()
-    res = model.forward(tokens)
+    res = compute_loss(model, tokens)
     expected = hand_mtp_loss(model, tokens)
     assert res.mtp == pytest.approx(expected, rel=2e-6)
     assert float(res.loss.data) == pytest.approx(res.ce + cfg.mtp_weight * res.mtp, rel=2e-6)
@@ -146,7 +147,7 @@ def test_mtp_leaves_the_main_loss_and_trunk_unchanged_and_is_reported_apart():
     for name, p in plain.params.items():  # MTP parameters come last: the trunk init is identical
         np.testing.assert_array_equal(p.data, mtp.params[name].data)
     tokens = batch(seed=1)
-    a, b = plain.forward(tokens), mtp.forward(tokens)
+    a, b = compute_loss(plain, tokens), compute_loss(mtp, tokens)
     assert a.ce == b.ce  # main next-token loss, bit for bit
     assert a.mtp == 0.0 and b.mtp > 0.0
     assert float(a.loss.data) == pytest.approx(a.ce, rel=1e-6)
@@ -165,10 +166,10 @@ def test_mtp_heads_share_trunk_and_tied_unembedding_and_stay_small():
     # Same trunk init with and without heads: the gradient difference is the MTP term's, and it
     # reaches the embedding (through the tied head), the trunk and the shared final norm.
     tokens = batch(seed=4)
-    model.forward(tokens).loss.backward()
+    compute_loss(model, tokens).loss.backward()
     full = grads(model)
     plain = Model(model_cfg(mtp=0), backends.get_backend("numpy"), seed=2)
-    plain.forward(tokens).loss.backward()
+    compute_loss(plain, tokens).loss.backward()
     for name in ("tok_embeddings", "layers.0.attn.wq", "layers.1.ffn.w_down", "norm"):
         diff = np.abs(full[name] - plain.params[name].grad).max()
         assert diff > 1e-6, f"{name}: the MTP loss does not reach this shared parameter"
@@ -211,7 +212,7 @@ def test_mtp_runs_on_every_backend_and_agrees_with_numpy(backend):
     out = {}
     for name in ("numpy", backend):
         model = Model(cfg, backends.get_backend(name), seed=11)
-        res = model.forward(tokens)
+        res = compute_loss(model, tokens)
         res.loss.backward()
         out[name] = (res, grads(model))
     (ra, ga), (rb, gb) = out["numpy"], out[backend]
@@ -243,7 +244,7 @@ def test_collider_sparsity_zero_is_the_dense_path_exactly():
     out = []
     for kwargs in ({}, {"collider_sparsity": 0.0}):
         model = Model(cfg, backends.get_backend("numpy"), seed=13)
-        res = model.forward(tokens, **kwargs)
+        res = compute_loss(model, tokens, **kwargs)
         res.loss.backward()
         out.append((float(res.loss.data), res.ce, grads(model)))
     assert out[0][0] == out[1][0] and out[0][1] == out[1][1]
@@ -258,7 +259,7 @@ def test_collider_that_drops_nothing_matches_dense():
     out = []
     for s in (0.0, 0.01):  # floor(0.01 * 16) = 0 tokens dropped
         model = Model(cfg, backends.get_backend("numpy"), seed=15)
-        res = model.forward(tokens, collider_sparsity=s)
+        res = compute_loss(model, tokens, collider_sparsity=s)
         res.loss.backward()
         out.append((res, grads(model)))
     assert out[1][0].kept_fraction == 1.0
@@ -271,7 +272,7 @@ def test_collider_loss_weights_and_reported_loss():
     cfg = model_cfg()
     model = Model(cfg, backends.get_backend("numpy"), seed=16)
     tokens = batch(b=4, seed=17)
-    res = model.forward(tokens, collider_sparsity=0.25, need_token_losses=True)
+    res = compute_loss(model, tokens, collider_sparsity=0.25, need_token_losses=True)
     losses = res.token_losses.reshape(4, 16)
     weights, rows = collider_keep(losses, 0.25, np)
     assert res.kept_fraction == rows.size / 64 == 0.75
@@ -286,7 +287,7 @@ def check_sparse_backward(backend_name, overrides, sparsity, mtp, tol):
     probe = ProbingBackend(backends.get_backend(backend_name))
     model = Model(cfg, probe, seed=21)
     tokens = batch(seed=22)
-    res = model.forward(tokens, collider_sparsity=sparsity)
+    res = compute_loss(model, tokens, collider_sparsity=sparsity)
     res.loss.backward()
     names = {id(p): n for n, p in model.params.items()}
     seen = set()
@@ -354,7 +355,7 @@ def test_collider_trains_through_the_trainer(tmp_path):
         probe = Model(cfg.model, backends.get_backend("numpy"), seed=cfg.train.seed)
         for n, p in probe.params.items():
             p.data = before[n]
-        expected_ce = probe.forward(tokens).ce
+        expected_ce = compute_loss(probe, tokens).ce
     assert record["ce"] == pytest.approx(expected_ce, rel=1e-6)  # logged CE averages every token
     moved = [n for n, p in trainer.model.params.items() if not np.array_equal(p.data, before[n])]
     assert bitlinear_names(trainer.model) <= set(moved)

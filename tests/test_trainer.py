@@ -21,6 +21,8 @@ from nanochat.data.loader import BatchLoader
 from nanochat.train.metrics import TB_TAGS, read_metrics
 from nanochat.model.gpt import Model
 from nanochat.train.sample import generate, sample_next
+from nanochat.train import trainer as trainer_module
+from nanochat.train.losses import compute_loss
 from nanochat.train.trainer import Trainer, TrainingError, main
 
 pytestmark = pytest.mark.trainer
@@ -74,16 +76,16 @@ def train_records(run_dir, kind="train"):
 def count_training_forwards(monkeypatch, trainer, on_call):
     """Wrap the model's forward; ``on_call(n, result)`` sees the n-th training forward (evaluation
     forwards pass no collider_sparsity and are not counted)."""
-    original = trainer.model.forward
+    original = trainer_module.compute_loss
     calls = {"n": 0}
 
-    def forward(batch, *args, **kwargs):
+    def forward(model, batch, *args, **kwargs):
         if "collider_sparsity" not in kwargs:
-            return original(batch, *args, **kwargs)
+            return original(model, batch, *args, **kwargs)
         calls["n"] += 1
-        return on_call(calls["n"], lambda: original(batch, *args, **kwargs))
+        return on_call(calls["n"], lambda: original(model, batch, *args, **kwargs))
 
-    monkeypatch.setattr(trainer.model, "forward", forward)
+    monkeypatch.setattr(trainer_module, "compute_loss", forward)
     return calls
 
 
@@ -178,7 +180,7 @@ def test_accumulated_gradient_is_the_mean_of_micro_batch_gradients(tmp_path):
     for step in (0, 1):
         for p in trainer.model.params.values():
             p.grad = None
-        res = trainer.model.forward(loader.batch_at(step))
+        res = compute_loss(trainer.model, loader.batch_at(step))
         res.loss.backward()
         losses.append(float(res.loss.data))
         per_batch.append({n: p.grad.copy() for n, p in trainer.model.params.items()})
@@ -364,15 +366,15 @@ def test_cli_trains_resumes_and_plots(tmp_path, capsys):
 
 
 def test_cli_stops_with_exit_code_3_on_nonfinite_steps(tmp_path, monkeypatch, capsys):
-    original = Model.forward
+    original = trainer_module.compute_loss
 
-    def nan_forward(self, batch, *args, **kwargs):
-        res = original(self, batch, *args, **kwargs)
+    def nan_forward(model, batch, *args, **kwargs):
+        res = original(model, batch, *args, **kwargs)
         if "collider_sparsity" in kwargs:
             res.loss = res.loss * float("nan")
         return res
 
-    monkeypatch.setattr(Model, "forward", nan_forward)
+    monkeypatch.setattr(trainer_module, "compute_loss", nan_forward)
     assert main(_cli_args(tmp_path, "--set", "train.max_nonfinite_steps=2")) == 3
     line = _one_error_line(capsys)
     assert line.startswith("error: stopping at step 0: 2 steps in a row had a non-finite loss")
@@ -380,17 +382,17 @@ def test_cli_stops_with_exit_code_3_on_nonfinite_steps(tmp_path, monkeypatch, ca
 
 
 def test_cli_ctrl_c_exits_130_after_saving(tmp_path, monkeypatch, capsys):
-    original = Model.forward
+    original = trainer_module.compute_loss
     calls = {"n": 0}
 
-    def interrupting_forward(self, batch, *args, **kwargs):
+    def interrupting_forward(model, batch, *args, **kwargs):
         if "collider_sparsity" in kwargs:
             calls["n"] += 1
             if calls["n"] == 2:
                 raise KeyboardInterrupt
-        return original(self, batch, *args, **kwargs)
+        return original(model, batch, *args, **kwargs)
 
-    monkeypatch.setattr(Model, "forward", interrupting_forward)
+    monkeypatch.setattr(trainer_module, "compute_loss", interrupting_forward)
     assert main(_cli_args(tmp_path)) == 130
     captured = capsys.readouterr()
     assert "Traceback" not in captured.err + captured.out
@@ -501,7 +503,7 @@ def test_large_preset_structures_train_at_narrow_width(tmp_path, preset):
     trainer = Trainer(cfg, out_dir=tmp_path, progress=False, data=data)
     assert trainer.model.num_parameters() == count_parameters(cfg)["total"]
     if preset == "small_560m":
-        assert cfg.model.deltanet_layer_ids == (2,) and trainer.model.parameter_breakdown()["deltanet"] > 0
+        assert cfg.model.deltanet_layer_ids == (2,) and count_parameters(cfg)["deltanet_qkv"] > 0
     record = trainer.train_step(BatchLoader(data.train_tokens, 1, 16, 0))
     assert record["finite"] and trainer.state.step == 1 and trainer.state.data_step == 2
     if preset == "medium_3b":

@@ -33,7 +33,10 @@ from nanochat.cli.common import backend_choices
 from nanochat.config import Config, ConfigError, available_presets, load_config
 from nanochat.train.budget import check_memory, describe, format_bytes
 from nanochat.train.metrics import MetricsLogger, plot_losses
-from nanochat.model.gpt import Model, is_muon_param
+from nanochat.train.schedule import resumed_schedule, trained_schedule_steps
+from nanochat.model.gpt import Model
+from nanochat.model.params import count_parameters
+from nanochat.train.losses import compute_loss
 
 
 class TrainingError(RuntimeError):
@@ -65,6 +68,7 @@ class TrainState:
     nonfinite_in_row: int = 0
     skipped: int = 0
     history: list = field(default_factory=list)  # (step, validation loss)
+    schedule_steps: int = 0    # length of the learning-rate schedule; 0 = train.steps (nanochat/train/schedule.py)
 
 
 def build_optimizers(model, cfg: Config):
@@ -75,8 +79,9 @@ def build_optimizers(model, cfg: Config):
     o = cfg.optim
     be = model.be
     hidden, embed, head, other = [], [], [], []
+    groups = model.param_groups()
     for name, p in model.params.items():
-        if is_muon_param(name, p.shape):
+        if groups[name] == "muon":
             hidden.append(p)
         elif name == "tok_embeddings":
             embed.append(p)
@@ -115,9 +120,12 @@ def build_optimizers(model, cfg: Config):
     return groups
 
 
-def lr_multiplier(step, cfg: Config):
+def lr_multiplier(step, cfg: Config, schedule_steps=0):
+    """Factor on every group's base rate at ``step``: warmup-stable-decay over ``schedule_steps``
+    (``train.steps`` when 0; a resumed run may keep the schedule it was trained under)."""
     o = cfg.optim
-    return ref_optim.wsd_lr(step, cfg.train.steps, 1.0, o.warmup_steps, o.decay_frac, o.min_lr_ratio, decay=o.decay)
+    total = schedule_steps or cfg.train.steps
+    return ref_optim.wsd_lr(step, total, 1.0, o.warmup_steps, o.decay_frac, o.min_lr_ratio, decay=o.decay)
 
 
 def backend_for(cfg: Config):
@@ -180,6 +188,7 @@ class Trainer:
         self.rng = np.random.default_rng(cfg.train.seed + 1)
         self._interrupt_requested = False
         self._saved_at = None  # (step, data_step) of the newest checkpoint this trainer wrote
+        self.schedule_note = None  # set on resume when train.steps changed: what the learning rate does
         if ck is not None:
             self._restore(ck)
 
@@ -250,6 +259,7 @@ class Trainer:
         # Only now, with everything checked, replace the weights (copies: the loaded arrays may be read-only).
         for name, p in self.model.params.items():
             p.data = self.be.asarray(np.array(params[name], dtype=self.model.dtype, copy=True))
+        self.model.weights_changed()
         s = ck["state"]
         self.state.step = s["step"]
         self.state.tokens = s["tokens"]
@@ -257,6 +267,9 @@ class Trainer:
         self.state.skipped = s.get("skipped_steps", 0)
         self.state.history = [tuple(h) for h in s.get("val_history", [])]
         self.rng = rng_from_json(s["rng"], where=path / "state.json")
+        trained = trained_schedule_steps(s, ck.get("config_toml"), self.cfg.train.steps)
+        self.state.schedule_steps, self.schedule_note = resumed_schedule(
+            self.state.step, trained, self.cfg.train.steps, self.cfg.optim)
         self._saved_at = (self.state.step, self.state.data_step)
 
     # ------------------------------------------------------------ one step
@@ -276,7 +289,7 @@ class Trainer:
             t0 = time.perf_counter()
             batch = next(loader)
             t1 = time.perf_counter()
-            res = model.forward(batch, collider_sparsity=cfg.train.collider_sparsity)
+            res = compute_loss(model, batch, collider_sparsity=cfg.train.collider_sparsity)
             be.synchronize()
             t2 = time.perf_counter()
             (res.loss * (1.0 / accum)).backward()
@@ -295,8 +308,8 @@ class Trainer:
             "times": times, "expert_load": [list(map(int, load)) for load in loads],
             "kept_fraction": res.kept_fraction,  # Collider: the same for every micro-batch (floor(s * T) per row)
         }
-        if model.last_h_res:
-            record["composite_gain"] = float(be.composite_gain(model.last_h_res))
+        if res.h_res:
+            record["composite_gain"] = float(be.composite_gain(res.h_res))
         return record
 
     def apply_update(self, record):
@@ -316,11 +329,12 @@ class Trainer:
             else:
                 grad_norm = float(be.global_grad_norm(grads))
             finite = math.isfinite(record["loss"]) and math.isfinite(grad_norm)
-            mult = lr_multiplier(self.state.step, cfg)
+            mult = lr_multiplier(self.state.step, cfg, self.state.schedule_steps)
             if finite:
                 for _, opt, base in self.optimizers:
                     opt.lr = base * mult
                     opt.step()
+                self.model.weights_changed()
             for p in params:
                 p.grad = None
             be.synchronize()
@@ -355,7 +369,7 @@ class Trainer:
         with no_grad():
             for batch in val_batches(self.data.val_tokens, t.batch_size, self.cfg.model.seq_len,
                                      max_batches or t.eval_batches):
-                losses.append(self.model.forward(batch, with_mtp=False).ce)
+                losses.append(compute_loss(self.model, batch, with_mtp=False).ce)
         return float(np.mean(losses)) if losses else float("nan")
 
     # ------------------------------------------------------------------ loop
@@ -467,7 +481,8 @@ class Trainer:
                                 f"the last good checkpoint is still in {self.out_dir / 'checkpoints'}")
         state = {"step": self.state.step, "tokens": self.state.tokens, "data_step": self.state.data_step,
                  "rng": rng_state_to_json(self.rng), "backend": self.be.name,
-                 "val_history": self.state.history, "skipped_steps": self.state.skipped}
+                 "val_history": self.state.history, "skipped_steps": self.state.skipped,
+                 "schedule_steps": self.state.schedule_steps or self.cfg.train.steps}
         tok_path = getattr(self.data, "tokenizer_path", None)
         path = save_checkpoint(self.out_dir / "checkpoints", self.state.step, params, opt_state,
                                self.cfg.to_toml(), state, tokenizer_path=tok_path, keep_last=self.cfg.train.keep_last_k)
@@ -573,11 +588,19 @@ def main(argv=None):
     m = trainer.model
     print(f"backend: {trainer.be.name} ({trainer.be.description}); out: {trainer.out_dir}")
     print(f"model: {m.num_parameters():,} parameters ("
-          + ", ".join(f"{k} {v:,}" for k, v in sorted(m.parameter_breakdown().items())) + ")")
+          + ", ".join(f"{k} {v:,}" for k, v in sorted((k, v) for k, v in count_parameters(cfg).items() if v and k != "total")) + ")")
     print(f"memory: estimated {describe(trainer.memory)}; limit {format_bytes(trainer.memory['limit'])}")
     print(f"data: {len(trainer.data.train_tokens):,} train tokens, {len(trainer.data.val_tokens):,} val tokens; "
           f"{cfg.train.steps} steps x {cfg.train.batch_size * cfg.model.seq_len * cfg.train.grad_accum:,} tokens"
           + (f"; resuming at step {trainer.state.step}" if ck else ""))
+    if ck:
+        same_dir = _run_dir_of(ck["path"]) is not None and \
+            Path(_run_dir_of(ck["path"])).resolve() == trainer.out_dir.resolve()
+        print(f"resume: writing into the {'same' if same_dir else 'given'} run directory {trainer.out_dir} "
+              f"(metrics.jsonl appended to, new checkpoints in its checkpoints/)"
+              + ("; --out DIR writes elsewhere" if same_dir else ""))
+        if trainer.schedule_note:
+            print(trainer.schedule_note)
     try:
         result = trainer.train()
     except TrainingError as exc:
