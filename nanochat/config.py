@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import backends
+from nanochat.model.params import COMPONENTS as PARAMETER_COMPONENTS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -683,7 +684,12 @@ def _check_layer_list(layers, name, n_layers, where) -> None:
 
 def _fail(source: str, problem: str):
     end = "" if problem.endswith(("?", ".")) else "."
-    raise ConfigError(f"{source}: {problem}{end}")
+    raise ConfigError(_one_line(f"{source}: {problem}{end}"))
+
+
+def _one_line(text: str) -> str:
+    """Control characters a user typed (a newline in a preset name, say) shown escaped: one line."""
+    return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in text)
 
 
 def _is_int(v) -> bool:
@@ -760,73 +766,13 @@ def _toml_value(value) -> str:
 
 # --- parameter counts ------------------------------------------------------------------------
 
-PARAMETER_COMPONENTS = (
-    "embedding",          # token embedding [vocab, dim] (the tied LM head is this matrix)
-    "lm_head",            # untied LM head [vocab, dim]; 0 when tied
-    "attn_q", "attn_k", "attn_v", "attn_o",
-    "deltanet_qkv",       # q, k [dim -> H d_k], v [dim -> H d_v]
-    "deltanet_gate",      # output gate [dim -> H d_v]
-    "deltanet_out",       # output projection [H d_v -> dim]
-    "deltanet_decay",     # W_beta, W_a [dim -> H], A_log [H], dt_bias [H]
-    "ffn",                # dense gate, up [dim -> F], down [F -> dim]
-    "moe_experts",        # n_experts SwiGLU blocks of hidden moe_hidden
-    "moe_router",         # float router [dim -> n_experts]
-    "moe_shared_expert",  # optional always-on SwiGLU block
-    "norms",              # every RMSNorm weight (pre-norms, SubLN, DeltaNet output norm, final)
-    "mhc",                # mHC coefficients (static 9 / 40 per sub-layer, dynamic adds W and gate)
-    "mtp",                # per MTP head one [dim, dim] BitLinear and one RMSNorm
-)
-
-_MHC_STATIC = {2: 9, 4: 40}  # .mhc record sizes: res, pre_logits, pre_bias, post_logits, post_bias
-_MHC_LOGITS = {2: 5, 4: 32}  # rows of the dynamic projection: residual logits + n pre + n post
-
 
 def count_parameters(model: ModelConfig | Config) -> dict[str, int]:
-    """Parameters per component (``PARAMETER_COMPONENTS``) plus ``total``, from shapes only.
+    """Parameters per component (``nanochat.model.params.COMPONENTS``) plus ``total``, from the
+    parameter table (shapes only; nothing is allocated)."""
+    from nanochat.model.params import count_parameters as from_table
 
-    Conventions the model follows (docs/config.md): no biases; two pre-norms per block and
-    a final norm; SubLN adds a norm over the attention output width and one over each FFN or
-    expert hidden width; the DeltaNet output RMSNorm has one weight vector of size d_v shared
-    by its heads; dynamic mHC's RMSNorm has no weight.
-    """
-    m = model.model if isinstance(model, Config) else model
-    C, V = m.dim, m.vocab_size
-    count = dict.fromkeys(PARAMETER_COMPONENTS, 0)
-    count["embedding"] = V * C
-    count["lm_head"] = 0 if m.tie_embeddings else V * C
-    for mixer, ffn in m.block_kinds():
-        count["norms"] += 2 * C
-        if mixer == "attention":
-            count["attn_q"] += C * m.n_heads * m.head_dim
-            count["attn_k"] += C * m.kv_dim
-            count["attn_v"] += C * m.kv_dim
-            count["attn_o"] += m.n_heads * m.head_dim * C
-            count["norms"] += m.n_heads * m.head_dim if m.sub_norm else 0
-        else:
-            H, dk, dv = m.dn_heads, m.dn_key_dim, m.dn_value_dim
-            count["deltanet_qkv"] += C * H * (2 * dk + dv)
-            count["deltanet_gate"] += C * H * dv
-            count["deltanet_out"] += H * dv * C
-            count["deltanet_decay"] += 2 * C * H + 2 * H
-            count["norms"] += dv
-        if ffn == "dense":
-            count["ffn"] += 3 * C * m.ffn_hidden
-            count["norms"] += m.ffn_hidden if m.sub_norm else 0
-        else:
-            F, E, shared = m.expert_hidden, m.n_experts, int(m.moe_shared_expert)
-            count["moe_experts"] += E * 3 * C * F
-            count["moe_router"] += C * E
-            count["moe_shared_expert"] += shared * 3 * C * F
-            count["norms"] += (E + shared) * F if m.sub_norm else 0
-    count["norms"] += C  # final norm
-    if m.n_streams > 1:
-        per_sublayer = _MHC_STATIC[m.n_streams]
-        if m.mhc_mode == "dynamic":
-            per_sublayer += _MHC_LOGITS[m.n_streams] * m.n_streams * C + 1
-        count["mhc"] = 2 * m.n_layers * per_sublayer
-    count["mtp"] = m.mtp_n_tokens * (C * C + C)
-    count["total"] = sum(count.values())
-    return count
+    return from_table(model.model if isinstance(model, Config) else model)
 
 
 def main(argv=None) -> int:

@@ -43,6 +43,7 @@ import numpy as np
 
 from nanochat.config import Config, ConfigError, ModelConfig
 from nanochat.io.atomic import atomic_path, open_regular
+from nanochat.model.params import ParamSpec, parameter_specs, ternary_names
 from reference import mhc as mhc_ref
 from reference.ternary import pack_ternary, quantize_weights, unpack_ternary
 
@@ -87,14 +88,6 @@ class GGUFError(ValueError):
 # --- the parameter layout ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ParamSpec:
-    """Shape of one model parameter and whether it is a BitLinear (ternary) weight."""
-
-    shape: tuple[int, ...]
-    ternary: bool = False
-
-
 def _model_cfg(cfg) -> ModelConfig:
     if isinstance(cfg, Config):
         return cfg.model
@@ -103,93 +96,9 @@ def _model_cfg(cfg) -> ModelConfig:
     raise TypeError(f"expected a Config or ModelConfig, got {type(cfg).__name__}")
 
 
-def parameter_specs(cfg) -> dict[str, ParamSpec]:
-    """Every parameter of ``nanochat.model.gpt.Model`` for ``cfg``, in the model's order, from shapes alone.
-
-    Ternary entries are exactly the weights the model runs through ``ternary_linear``
-    (``Model._bitlinear``): attention wq wk wv wo, dense/expert/shared FFN w_gate w_up w_down,
-    DeltaNet wq wk wv wgate wo and the MTP projections. ``tests/test_export.py`` checks this
-    against a real model so the two cannot drift apart.
-    """
-    c = _model_cfg(cfg)
-    d, hd = c.dim, c.head_dim
-    specs: dict[str, ParamSpec] = {}
-
-    def add(name, shape, ternary=False):
-        specs[name] = ParamSpec(tuple(int(s) for s in shape), ternary)
-
-    def ffn(p, hidden):
-        add(p + "w_gate", (hidden, d), True)
-        add(p + "w_up", (hidden, d), True)
-        if c.sub_norm:
-            add(p + "sub_norm", (hidden,))
-        add(p + "w_down", (d, hidden), True)
-
-    add("tok_embeddings", (c.vocab_size, d))
-    if not c.tie_embeddings:
-        add("lm_head", (c.vocab_size, d))
-    for i, (mixer, ffn_kind) in enumerate(c.block_kinds()):
-        p = f"layers.{i}."
-        add(p + "attn_norm", (d,))
-        if mixer == "attention":
-            add(p + "attn.wq", (c.n_heads * hd, d), True)
-            add(p + "attn.wk", (c.n_kv_heads * hd, d), True)
-            add(p + "attn.wv", (c.n_kv_heads * hd, d), True)
-            if c.sub_norm:
-                add(p + "attn.sub_norm", (c.n_heads * hd,))
-            add(p + "attn.wo", (d, c.n_heads * hd), True)
-        else:
-            h, dk, dv = c.dn_heads, c.dn_key_dim, c.dn_value_dim
-            q = p + "delta."
-            add(q + "wq", (h * dk, d), True)
-            add(q + "wk", (h * dk, d), True)
-            add(q + "wv", (h * dv, d), True)
-            add(q + "wgate", (h * dv, d), True)
-            add(q + "wa", (h, d))
-            add(q + "wbeta", (h, d))
-            add(q + "A_log", (h,))
-            add(q + "dt_bias", (h,))
-            add(q + "out_norm", (dv,))
-            add(q + "wo", (d, h * dv), True)
-        add(p + "ffn_norm", (d,))
-        if ffn_kind == "moe":
-            add(p + "moe.router", (c.n_experts, d))
-            for e in range(c.n_experts):
-                ffn(f"{p}moe.experts.{e}.", c.expert_hidden)
-            if c.moe_shared_expert:
-                ffn(p + "moe.shared.", c.expert_hidden)
-        else:
-            ffn(p + "ffn.", c.ffn_hidden)
-        if c.n_streams > 1:
-            for sub in ("mhc_attn.", "mhc_ffn."):
-                for name, shape in _mhc_shapes(c).items():
-                    add(p + sub + name, shape)
-    add("norm", (d,))
-    for i in range(c.mtp_n_tokens):
-        add(f"mtp.{i}.norm", (d,))
-        add(f"mtp.{i}.proj", (d, d), True)
-    return specs
-
-
-def _mhc_shapes(c: ModelConfig) -> dict[str, tuple[int, ...]]:
-    n = c.n_streams
-    names = mhc_ref.STATIC_PARAM_NAMES[n] if c.mhc_mode == "static" else mhc_ref.DYNAMIC_PARAM_NAMES[n]
-    shapes = {}
-    for name in names:
-        if name == mhc_ref.RES_NAME[n]:
-            shapes[name] = (mhc_ref.RES_SIZE[n],)
-        elif name == "dyn_weight":
-            shapes[name] = (mhc_ref.n_logits(n), n * c.dim)
-        elif name == "dyn_gate":
-            shapes[name] = (1,)
-        else:
-            shapes[name] = (n,)
-    return shapes
-
-
 def ternary_param_names(cfg) -> list[str]:
     """Names of the BitLinear weights (the parameters the model runs through ``ternary_linear``)."""
-    return [name for name, spec in parameter_specs(cfg).items() if spec.ternary]
+    return ternary_names(_model_cfg(cfg))
 
 
 def _is_mhc(name: str) -> bool:
@@ -202,29 +111,6 @@ def ternary_encoding(cfg) -> str:
 
 
 # --- bitnet naming ----------------------------------------------------------------------------
-
-_BITNET_LAYER_NAMES = {
-    "attn_norm": "attn_norm",
-    "attn.wq": "attn_q",
-    "attn.wk": "attn_k",
-    "attn.wv": "attn_v",
-    "attn.wo": "attn_output",
-    "attn.sub_norm": "attn_sub_norm",
-    "ffn_norm": "ffn_norm",
-    "ffn.w_gate": "ffn_gate",
-    "ffn.w_up": "ffn_up",
-    "ffn.w_down": "ffn_down",
-    "ffn.sub_norm": "ffn_sub_norm",
-}
-_BITNET_GLOBAL_NAMES = {"tok_embeddings": "token_embd", "norm": "output_norm"}
-
-
-def _bitnet_name(name: str) -> str:
-    if name in _BITNET_GLOBAL_NAMES:
-        return _BITNET_GLOBAL_NAMES[name] + ".weight"
-    _, index, rest = name.split(".", 2)
-    return f"blk.{index}.{_BITNET_LAYER_NAMES[rest]}.weight"
-
 
 def bitnet_problems(cfg) -> list[str]:
     """Why ``cfg`` cannot be written as llama.cpp's ``bitnet`` architecture (empty when it can)."""
@@ -259,7 +145,7 @@ def gguf_tensor_names(cfg, arch: str = ARCH) -> dict[str, list[tuple[str, str]]]
     encoding = ternary_encoding(c)
     out = {}
     for name, spec in parameter_specs(c).items():
-        tname = _bitnet_name(name) if arch == BITNET_ARCH else name
+        tname = spec.bitnet if arch == BITNET_ARCH else name
         if not spec.ternary:
             out[name] = [(tname, "float")]
         elif encoding == ENCODING_TQ2_0:
