@@ -45,8 +45,13 @@ def add_backend_argument(parser, default="auto", help="op backend (auto: cupy wh
 
 def fail(message) -> int:
     """Print one ``error:`` line on stderr; returns ``EXIT_BAD_INPUT`` for ``return fail(...)``."""
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {one_line(message)}", file=sys.stderr)
     return EXIT_BAD_INPUT
+
+
+def one_line(message) -> str:
+    """``message`` as one printable line: control characters (from user input) shown escaped."""
+    return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in str(message).strip())
 
 
 def check_model_path(path) -> None:

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from nanochat.cli.common import (EXIT_BAD_INPUT, OneLineParser, add_backend_argument, check_model_path,
-                                 non_negative_int)
+                                 fail, non_negative_int)
 
 
 @dataclass
@@ -146,8 +146,7 @@ def main(argv=None):
         result = evaluate(engine, tokens, token_byte_lengths(tok, cfg.vocab_size), seq_len,
                           args.batch_size, args.max_batches or None)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return fail(exc)
     except OSError as exc:
         print(f"error: {getattr(exc, 'filename', None) or args.model}: {exc.strerror or exc}.", file=sys.stderr)
         return EXIT_BAD_INPUT

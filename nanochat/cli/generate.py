@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from nanochat.cli.common import (EXIT_BAD_INPUT, OneLineParser, add_backend_argument, check_model_path,
-                                 check_text, non_negative_int)
+                                 check_text, fail, non_negative_int)
 
 
 def build_parser():
@@ -62,8 +62,7 @@ def main(argv=None):
             out.write(("" if args.no_echo else args.prompt) + text + "\n")
         out.flush()
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return fail(exc)
     except OSError as exc:
         print(f"error: {args.model}: {exc.strerror or exc}.", file=sys.stderr)
         return EXIT_BAD_INPUT
