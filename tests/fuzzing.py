@@ -10,6 +10,7 @@ cases per target (printed by ``pytest -s`` at the end of each fuzz module).
 """
 from __future__ import annotations
 
+import os
 import signal
 import tracemalloc
 from collections import Counter
@@ -28,7 +29,25 @@ def _alarm(signum, frame):
     raise Hang()
 
 
+TALLY = os.environ.get("FUZZ_TALLY") == "1"  # count failures by kind instead of failing (before/after tables)
+
+
 def guarded(target, fn, allowed=(ValueError,), memory=MEMORY_BUDGET, seconds=TIME_BUDGET):
+    if TALLY:
+        try:
+            return _guarded(target, fn, allowed, memory, seconds)
+        except AssertionError as exc:
+            text = str(exc)
+            kind = "hang" if "a hang" in text else "over budget" if "peak allocation" in text else "multi-line"
+            OUTCOMES[(target, kind)] += 1
+            return ("failed", text)
+        except Exception as exc:  # noqa: BLE001 - a traceback the user would see
+            OUTCOMES[(target, "traceback")] += 1
+            return ("failed", type(exc).__name__)
+    return _guarded(target, fn, allowed, memory, seconds)
+
+
+def _guarded(target, fn, allowed, memory, seconds):
     COUNTS[target] += 1
     previous = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(seconds)
@@ -56,7 +75,8 @@ def guarded(target, fn, allowed=(ValueError,), memory=MEMORY_BUDGET, seconds=TIM
 
 
 def report():
-    lines = [f"{t}: {COUNTS[t]} cases ({OUTCOMES[(t, 'ok')]} valid, {OUTCOMES[(t, 'error')]} clean errors)"
+    kinds = ("ok", "error", "traceback", "over budget", "hang", "multi-line")
+    lines = [f"{t}: {COUNTS[t]} cases; " + ", ".join(f"{k} {OUTCOMES[(t, k)]}" for k in kinds if OUTCOMES[(t, k)])
              for t in sorted(COUNTS)]
     return "\n".join(lines)
 
