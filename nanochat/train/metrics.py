@@ -168,3 +168,51 @@ def plot_losses(metrics_path, png_path, title=None):
     fig.savefig(png_path)
     plt.close(fig)
     return Path(png_path)
+
+
+def run_title(run_dir):
+    """The loss plot's title, the same for the end of training and ``train plot``: the run
+    directory's name plus the model shape and backend of its newest checkpoint (just the name
+    when no checkpoint can be read)."""
+    import json as _json
+
+    from nanochat.io.checkpoint import list_checkpoints
+
+    run = Path(run_dir).resolve()
+    try:
+        checkpoints = list_checkpoints(run / "checkpoints")
+        if not checkpoints:
+            return run.name
+        newest = checkpoints[-1]
+        model = _toml_loads((newest / "config.toml").read_text(encoding="utf-8")).get("model", {})
+        backend = _json.loads((newest / "state.json").read_text(encoding="utf-8")).get("backend")
+        shape = f"{int(model['dim'])}d x {int(model['n_layers'])} layers"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return run.name
+    return f"{run.name}: {shape}" + (f", {backend} backend" if isinstance(backend, str) and backend else "")
+
+
+def tensorboard_hint(tb_dir):
+    """How to view ``tb_dir``: the ``tensorboard`` command when the viewer is installed (on PATH,
+    or next to this Python), else the command plus how to install the viewer."""
+    import shutil
+    import sys
+
+    on_path = shutil.which("tensorboard")
+    beside = Path(sys.executable).parent / "tensorboard"
+    if on_path:
+        return f"tensorboard --logdir {tb_dir}"
+    if beside.is_file():
+        return f"{beside} --logdir {tb_dir}"
+    return (f"tensorboard --logdir {tb_dir}  (the viewer is not installed: "
+            f"pip install tensorboard, or pip install -e '.[tensorboard]')")
+
+
+def _toml_loads(text):
+    import sys
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    return tomllib.loads(text)

@@ -32,7 +32,7 @@ from nanochat.io.checkpoint import (CheckpointError, check_optimizer_coverage, f
 from nanochat.cli.common import backend_choices
 from nanochat.config import Config, ConfigError, available_presets, load_config
 from nanochat.train.budget import check_memory, describe, format_bytes
-from nanochat.train.metrics import MetricsLogger, plot_losses
+from nanochat.train.metrics import MetricsLogger, plot_losses, run_title, tensorboard_hint
 from nanochat.train.schedule import resumed_schedule, trained_schedule_steps
 from nanochat.model.gpt import Model
 from nanochat.model.params import count_parameters
@@ -459,7 +459,7 @@ class Trainer:
             logger.close()
         try:
             plot = plot_losses(logger.path, self.out_dir / "loss.png",
-                               title=f"{cfg.model.dim}d x {cfg.model.n_layers} layers, {self.be.name} backend")
+                               title=run_title(self.out_dir))
         except (OSError, ValueError) as exc:  # a finished run must not fail on its picture
             warnings.warn(f"could not draw {self.out_dir / 'loss.png'}: {exc}", stacklevel=2)
             plot = None
@@ -619,7 +619,7 @@ def main(argv=None):
     print(f"checkpoint:  {result['checkpoint']}")
     print(f"metrics:     {result['metrics']}")
     if result["tensorboard"]:
-        print(f"tensorboard: tensorboard --logdir {result['tensorboard']}")
+        print(f"tensorboard: {tensorboard_hint(result['tensorboard'])}")
     if result["plot"]:
         print(f"loss plot:   {result['plot']}")
     if result["interrupted"]:
@@ -638,7 +638,7 @@ def plot_main(argv):
         print(f"error: {run}: no metrics.jsonl in this directory", file=sys.stderr)
         return 2
     try:
-        png = plot_losses(run / "metrics.jsonl", a.out or run / "loss.png", title=run.name)
+        png = plot_losses(run / "metrics.jsonl", a.out or run / "loss.png", title=run_title(run))
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
