@@ -46,11 +46,20 @@ class BatchLoader:
     spent building batches (the consumer waits for all of it).
     """
 
-    def __init__(self, tokens, batch_size: int, seq_len: int, seed: int, start_step: int = 0):
+    def __init__(self, tokens, batch_size: int, seq_len: int, seed: int, start_step: int = 0,
+                 shard: tuple = (0, 1)):
         self.batch_size = _check_int("batch_size", batch_size, 1)
         self.seq_len = _check_int("seq_len", seq_len, 1)
         self.seed = _check_int("seed", seed, 0)
         self.step = _check_int("start_step", start_step, 0)
+        # Data parallelism: (rank, world). Each step draws world * batch_size windows and this
+        # rank takes rows [rank * batch_size, (rank + 1) * batch_size): disjoint slices whose
+        # concatenation over ranks is the batch_size * world batch of a single process.
+        rank, world = shard
+        self.world = _check_int("world size", world, 1)
+        self.rank = _check_int("rank", rank, 0)
+        if self.rank >= self.world:
+            raise ValueError(f"rank must lie in [0, {self.world}), got {self.rank}.")
         _check_tokens(tokens, self.seq_len)
         self.tokens = tokens
         # Strided view of every window (no copy): a batch is one gather of B rows.
@@ -64,7 +73,8 @@ class BatchLoader:
     def offsets_at(self, step: int) -> np.ndarray:
         """Window start offsets of ``step``: B draws from [0, num_tokens - seq_len)."""
         rng = np.random.default_rng([self.seed, _check_int("step", step, 0)])
-        return rng.integers(0, self.num_tokens - self.seq_len, size=self.batch_size)
+        offsets = rng.integers(0, self.num_tokens - self.seq_len, size=self.batch_size * self.world)
+        return offsets[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
 
     def batch_at(self, step: int) -> np.ndarray:
         """The batch of any step, independent of the iterator's position."""
@@ -186,10 +196,11 @@ class AsyncLoader:
         start_step: int = 0,
         workers: int = 2,
         prefetch: int = 4,
+        shard: tuple = (0, 1),
     ):
         self._pool: _PrefetchPool | None = None
         self._closed = False
-        self._source = BatchLoader(tokens, batch_size, seq_len, seed, start_step)
+        self._source = BatchLoader(tokens, batch_size, seq_len, seed, start_step, shard=shard)
         self.workers = _check_int("workers", workers, 1)
         self.prefetch = _check_int("prefetch", prefetch, 1)
         self.step = self._source.step

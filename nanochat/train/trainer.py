@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import signal
 import sys
 import threading
@@ -37,6 +38,7 @@ from nanochat.train.schedule import resumed_schedule, trained_schedule_steps
 from nanochat.model.gpt import Model
 from nanochat.model.params import count_parameters
 from nanochat.train.losses import compute_loss
+from nanochat.train import distributed
 
 
 class TrainingError(RuntimeError):
@@ -51,6 +53,7 @@ class StepTimes:
     backward: float = 0.0
     optimizer: float = 0.0
     data_wait: float = 0.0
+    comm: float = 0.0          # data-parallel collectives (gradient reduce, norm, weight broadcast)
     total: float = 0.0
 
     def add(self, other):
@@ -171,19 +174,22 @@ class Trainer:
     ``tokenizer_path`` (both may be None).
     """
 
-    def __init__(self, cfg: Config, out_dir=None, resume=None, progress=True, data=None):
+    def __init__(self, cfg: Config, out_dir=None, resume=None, progress=True, data=None, comm=None):
         self.cfg = cfg
         self.progress = progress
         # Read the checkpoint first: a bad one should fail before minutes of data preparation.
         ck = resume if isinstance(resume, dict) or resume is None else load_checkpoint(resume)
         self.memory = check_memory(cfg)  # a config that cannot fit is one sentence, before any allocation
         self.be = backend_for(cfg)
+        # Data parallelism (nanochat/train/distributed.py): one rank unless started by mpiexec.
+        self.comm = distributed.for_backend(comm if comm is not None else distributed.communicator(), self.be.name)
         self.out_dir = Path(out_dir or cfg.train.out_dir or default_out_dir())
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.data = data if data is not None else self._prepare_data()
         self._check_data()
         self.model = Model(cfg.model, self.be, seed=cfg.train.seed)
         self.optimizers = build_optimizers(self.model, cfg)
+        self.dist = distributed.DataParallel(self.model, self.optimizers, self.comm) if self.comm.size > 1 else None
         self.state = TrainState()
         self.rng = np.random.default_rng(cfg.train.seed + 1)
         self._interrupt_requested = False
@@ -191,6 +197,9 @@ class Trainer:
         self.schedule_note = None  # set on resume when train.steps changed: what the learning rate does
         if ck is not None:
             self._restore(ck)
+        if self.dist is not None:
+            self.dist.bind_params()  # the (restored) weights into the flat buffer
+            self.dist.shard_state()  # keep only this rank's share of the optimizer state
 
     # --------------------------------------------------------------- set-up
     def _prepare_data(self):
@@ -224,9 +233,11 @@ class Trainer:
         t = self.cfg.train
         args = (self.data.train_tokens, t.batch_size, self.cfg.model.seq_len, t.seed)
         start = self.state.data_step
+        shard = (self.comm.rank, self.comm.size)  # this rank's rows of every global batch
         if t.async_loader:
-            return AsyncLoader(*args, start_step=start, workers=t.loader_workers, prefetch=t.loader_prefetch)
-        return BatchLoader(*args, start_step=start)
+            return AsyncLoader(*args, start_step=start, workers=t.loader_workers, prefetch=t.loader_prefetch,
+                               shard=shard)
+        return BatchLoader(*args, start_step=start, shard=shard)
 
     def _restore(self, ck):
         path = ck["path"]
@@ -321,10 +332,14 @@ class Trainer:
         cfg, be = self.cfg, self.be
         t4 = time.perf_counter()
         params = list(self.model.params.values())
+        if self.dist is not None:  # gradients summed onto their owners, loss numbers averaged over ranks
+            self.dist.reduce(record)
         grads = [p.grad for p in params]
         clip = cfg.optim.grad_clip
         with _DeferInterrupt() as held:
-            if clip > 0:
+            if self.dist is not None:
+                grad_norm = self.dist.clip_by_global_norm(clip)
+            elif clip > 0:
                 grad_norm = float(be.clip_by_global_norm(grads, clip))
             else:
                 grad_norm = float(be.global_grad_norm(grads))
@@ -334,6 +349,8 @@ class Trainer:
                 for _, opt, base in self.optimizers:
                     opt.lr = base * mult
                     opt.step()
+                if self.dist is not None:  # owners broadcast their updated weights
+                    self.dist.gather_params()
                 self.model.weights_changed()
             for p in params:
                 p.grad = None
@@ -342,13 +359,16 @@ class Trainer:
             st.data_step += cfg.train.grad_accum
             if finite:
                 st.step += 1
-                st.tokens += cfg.train.batch_size * cfg.model.seq_len * cfg.train.grad_accum
+                st.tokens += cfg.train.batch_size * cfg.model.seq_len * cfg.train.grad_accum * self.comm.size
                 st.nonfinite_in_row = 0
             else:
                 st.nonfinite_in_row += 1
                 st.skipped += 1
         if held.received:
             self._interrupt_requested = True
+        if self.dist is not None:  # every rank stops after the same step
+            self._interrupt_requested = self.dist.agree(self._interrupt_requested or self.dist.stop_flag.set)
+            record["times"].comm += self.dist.comm_seconds
         record["times"].optimizer += time.perf_counter() - t4
         record.update(grad_norm=grad_norm, lr=cfg.optim.muon_lr * mult, lr_multiplier=mult, finite=finite)
         return record
@@ -366,10 +386,16 @@ class Trainer:
 
         t = self.cfg.train
         losses = []
+        n = self.comm.size  # with data parallelism each rank evaluates its rows of the same windows
+        rows = []
         with no_grad():
-            for batch in val_batches(self.data.val_tokens, t.batch_size, self.cfg.model.seq_len,
+            for batch in val_batches(self.data.val_tokens, t.batch_size * n, self.cfg.model.seq_len,
                                      max_batches or t.eval_batches):
-                losses.append(compute_loss(self.model, batch, with_mtp=False).ce)
+                part = np.array_split(batch, n)[self.comm.rank] if n > 1 else batch
+                losses.append(compute_loss(self.model, part, with_mtp=False).ce if len(part) else 0.0)
+                rows.append(len(part))
+        if self.dist is not None:
+            return self.dist.mean_over_rows(losses, rows)
         return float(np.mean(losses)) if losses else float("nan")
 
     # ------------------------------------------------------------------ loop
@@ -382,15 +408,18 @@ class Trainer:
         """
         cfg, t = self.cfg, self.cfg.train
         stop = t.steps if until is None else min(int(until), t.steps)
-        logger = MetricsLogger(self.out_dir, tensorboard=t.tensorboard)
-        tokens_per_step = t.batch_size * cfg.model.seq_len * t.grad_accum
+        logger = MetricsLogger(self.out_dir, tensorboard=t.tensorboard) if self.comm.is_main else distributed.NullLogger()
+        tokens_per_step = t.batch_size * cfg.model.seq_len * t.grad_accum * self.comm.size  # global
+        if self.dist is not None:
+            self.dist.stop_flag.__enter__()  # Ctrl-C becomes a flag all ranks agree on each step
         loader = None
         window = StepTimes()
         window_steps = 0
         interrupted = False
         started = time.perf_counter()
         self._interrupt_requested = False
-        bar = _progress_bar(t.steps, self.state.step, disable=not self.progress)
+        bar = _progress_bar(t.steps, self.state.step, disable=not self.progress) if self.comm.is_main \
+            else distributed.SilentBar()
         try:
             try:
                 loader = self._make_loader()
@@ -431,6 +460,7 @@ class Trainer:
                             "time_optimizer": window.optimizer / window_steps,
                             "time_data_wait": window.data_wait / window_steps,
                             "time_step": window.total / window_steps,
+                            **({"time_comm": window.comm / window_steps} if self.dist is not None else {}),
                             "loader_wait_total": getattr(loader, "wait_seconds", None),
                         })
                         window, window_steps = StepTimes(), 0
@@ -457,8 +487,10 @@ class Trainer:
                         "val_loss": self.state.history[-1][1] if self.state.history else None})
         finally:
             logger.close()
+            if self.dist is not None:
+                self.dist.stop_flag.__exit__(None, None, None)
         try:
-            plot = plot_losses(logger.path, self.out_dir / "loss.png",
+            plot = None if not self.comm.is_main else plot_losses(logger.path, self.out_dir / "loss.png",
                                title=run_title(self.out_dir))
         except (OSError, ValueError) as exc:  # a finished run must not fail on its picture
             warnings.warn(f"could not draw {self.out_dir / 'loss.png'}: {exc}", stacklevel=2)
@@ -469,13 +501,20 @@ class Trainer:
     def save(self):
         """Write a checkpoint of the current step (refused, with a TrainingError, from non-finite state)."""
         current = self._current_checkpoint()
-        if current is not None and self._saved_at == (self.state.step, self.state.data_step):
+        unchanged = current is not None and self._saved_at == (self.state.step, self.state.data_step)
+        if self.dist is not None:  # rank 0's view of the run directory decides for every rank
+            unchanged = self.comm.bcast_object(unchanged)
+        if unchanged:
             return current  # nothing changed since this trainer wrote (or resumed from) it
         params = {name: self.be.to_numpy(p.data) for name, p in self.model.params.items()}
         opt_state = {}
         for label, opt, _ in self.optimizers:
             opt_state.update({f"{label}/{k}": np.asarray(v) for k, v in opt.state_dict().items()})
+        if self.dist is not None:  # each rank holds its share of the state; rank 0 gathers it and writes
+            opt_state = self.dist.gather_state(opt_state)
         bad = find_nonfinite(params) or find_nonfinite(opt_state)
+        if self.dist is not None:
+            bad = self.comm.bcast_object(bad)
         if bad:
             raise TrainingError(f"not writing a checkpoint at step {self.state.step}: {bad} has non-finite values; "
                                 f"the last good checkpoint is still in {self.out_dir / 'checkpoints'}")
@@ -483,6 +522,9 @@ class Trainer:
                  "rng": rng_state_to_json(self.rng), "backend": self.be.name,
                  "val_history": self.state.history, "skipped_steps": self.state.skipped,
                  "schedule_steps": self.state.schedule_steps or self.cfg.train.steps}
+        if not self.comm.is_main:
+            self._saved_at = (self.state.step, self.state.data_step)
+            return self.out_dir / "checkpoints" / f"step-{self.state.step:06d}"
         tok_path = getattr(self.data, "tokenizer_path", None)
         path = save_checkpoint(self.out_dir / "checkpoints", self.state.step, params, opt_state,
                                self.cfg.to_toml(), state, tokenizer_path=tok_path, keep_last=self.cfg.train.keep_last_k)
@@ -541,6 +583,9 @@ def parse_args(argv):
     p.add_argument("--resume", default=None, help="checkpoint directory (or run directory) to resume from")
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>-<timestamp>, or the resumed run's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="run N data-parallel ranks on this machine through the installed mpiexec "
+                        "(docs/distributed.md; or start 'mpiexec -n N python -m nanochat.train ...' yourself)")
     return p.parse_args(argv)
 
 
@@ -572,24 +617,43 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["plot"]:
         return plot_main(argv[1:])
+    try:
+        nproc, argv = distributed.strip_nproc(argv)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if nproc is not None and nproc > 1 and not distributed.launched_by_mpi():
+        return distributed.launch(nproc, argv)
     args = parse_args(argv)
+    comm = distributed.communicator()
+    if comm.size > 1:
+        distributed.install_excepthook(comm)  # an exception on any rank aborts all with one line
+        if not comm.is_main:
+            sys.stdout = open(os.devnull, "w")  # screen output from rank 0 only
+    failure = None
     try:
         ck = load_checkpoint(args.resume) if args.resume else None
         cfg = resolve_config(args, ck)
         out = args.out or (_run_dir_of(ck["path"]) if ck else None) or cfg.train.out_dir or \
             default_out_dir(Path(args.config).stem if args.config else "tiny")
-        trainer = Trainer(cfg, out_dir=out, resume=ck, progress=not args.quiet)
+        trainer = Trainer(cfg, out_dir=out, resume=ck, progress=not args.quiet, comm=comm)
     except (ConfigError, CheckpointError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        failure = exc
     except KeyboardInterrupt:
         print("interrupted before training started", file=sys.stderr)
         return 130
+    message, failed = distributed.agree_on_failure(comm, failure)  # every rank stops, one line
+    if failed:
+        if message:
+            print(message, file=sys.stderr)
+        return 2
     m = trainer.model
     print(f"backend: {trainer.be.name} ({trainer.be.description}); out: {trainer.out_dir}")
     print(f"model: {m.num_parameters():,} parameters ("
           + ", ".join(f"{k} {v:,}" for k, v in sorted((k, v) for k, v in count_parameters(cfg).items() if v and k != "total")) + ")")
     print(f"memory: estimated {describe(trainer.memory)}; limit {format_bytes(trainer.memory['limit'])}")
+    if trainer.dist is not None:
+        print(trainer.dist.describe(cfg))
     print(f"data: {len(trainer.data.train_tokens):,} train tokens, {len(trainer.data.val_tokens):,} val tokens; "
           f"{cfg.train.steps} steps x {cfg.train.batch_size * cfg.model.seq_len * cfg.train.grad_accum:,} tokens"
           + (f"; resuming at step {trainer.state.step}" if ck else ""))
@@ -604,7 +668,8 @@ def main(argv=None):
     try:
         result = trainer.train()
     except TrainingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if comm.is_main:
+            print(f"error: {exc}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:  # a second Ctrl-C while the interrupt checkpoint was being written
         print(f"interrupted while saving; the newest complete checkpoint is under {trainer.out_dir / 'checkpoints'}",

@@ -1,0 +1,767 @@
+"""Data-parallel training: communicators, gradient buckets and sharded optimizer state.
+
+``mpiexec -n N python -m nanochat.train ...`` starts N ranks. Each rank holds a full replica of
+the weights, reads its own disjoint rows of every global batch (``nanochat.data.loader``'s
+``shard``), and runs forward and backward on them. Then, once per optimizer step (after the
+last micro-batch when ``grad_accum > 1``):
+
+1. **Gradients** are copied into one flat buffer laid out *by owner* (every parameter belongs to
+   exactly one rank, see ``assign_owners``) and split into buckets of at most ``bucket_bytes``
+   that never straddle two owners. Each bucket is summed onto its owner with a nonblocking
+   ``Ireduce`` (together the buckets form a reduce-scatter: every rank receives the summed
+   gradient of exactly the parameters it updates, ZeRO-2). Buckets are started as they are
+   filled, last parameters first, so the reduction of one overlaps the copy of the next.
+2. **Loss numbers, "had a gradient" flags** travel in one small ``Allgather`` of float64
+   values, summed in rank order, so every rank computes the same numbers bit for bit.
+3. **Clipping**: each rank sums the squares of its own gradient shard in float64; the N
+   partial sums are all-gathered and added in rank order, so the global norm (and the clip
+   factor) is the same on every rank.
+4. **Optimizer**: each rank steps only the parameters it owns (the others' ``.grad`` is
+   ``None``, which every optimizer skips), so it keeps optimizer state only for them (ZeRO-1):
+   Muon matrices whole, AdamW/Lion tensors whole, balanced by state bytes.
+5. **Parameters**: the weights live in one flat buffer too (each parameter's ``.data`` is a
+   view into it); the owner of every bucket broadcasts its updated values (``Ibcast``), so all
+   replicas are bitwise identical after every step.
+
+Bytes per step and rank: ``(N-1)/N`` of the gradients (reduce) plus ``(N-1)/N`` of the weights
+(broadcast), the same as one all-reduce. ``docs/distributed.md`` has the cost model.
+
+The communicator is an interface (``Communicator``) with a one-process version
+(``SingleProcess``), MPI through mpi4py (``MPICommunicator``, NumPy host buffers, buffer API with
+``MPI.IN_PLACE``, nothing pickled in the step) and NCCL for CuPy device buffers
+(``backends.cupy_backend.nccl``; nothing above ``backends/`` imports cupy).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from contextlib import contextmanager
+
+import numpy as np
+
+DEFAULT_BUCKET_BYTES = 4 << 20  # 4 MiB: large enough for bandwidth, small enough to pipeline
+MPI_ENV_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "SLURM_PMIX_MAPPING_SERV")
+
+
+def launched_by_mpi(environ=None):
+    """Whether this process was started by an MPI launcher (mpiexec/mpirun/srun with PMI)."""
+    env = os.environ if environ is None else environ
+    if env.get("NANOCHAT_NO_MPI"):
+        return False
+    size = env.get("PMI_SIZE") or env.get("OMPI_COMM_WORLD_SIZE")
+    if size is not None:
+        return True
+    return any(k in env for k in MPI_ENV_VARS)
+
+
+# ----------------------------------------------------------------------------- communicators
+
+class Communicator:
+    """What data parallelism needs from a runtime. Buffers are 1-D contiguous arrays.
+
+    ``reduce(buf, root)`` sums ``buf`` over ranks into ``buf`` on ``root`` (other ranks' buffers
+    are left as they were) and ``bcast(buf, root)`` copies root's ``buf`` to everyone; both
+    return a handle for ``wait_all``. ``allgather_values(v)`` returns a float64 array
+    ``[size, len(v)]`` (small, blocking). ``gather_arrays`` and ``bcast_object`` are for
+    checkpoints and set-up, never the step.
+    """
+
+    rank = 0
+    size = 1
+    local_rank = 0
+    name = "single"
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def reduce(self, buf, root):
+        return None
+
+    def bcast(self, buf, root):
+        return None
+
+    def wait_all(self, handles):
+        pass
+
+    def allgather_values(self, values):
+        return np.asarray(values, dtype=np.float64).reshape(1, -1)
+
+    def gather_arrays(self, arrays, root=0):
+        return dict(arrays)
+
+    def bcast_object(self, obj, root=0):
+        return obj
+
+    def barrier(self):
+        pass
+
+    def abort(self, code=1):
+        os._exit(code)
+
+
+class SingleProcess(Communicator):
+    """One rank: every collective is the identity."""
+
+
+class MPICommunicator(Communicator):
+    """MPI through mpi4py on host (NumPy) buffers; device arrays are staged through the host."""
+
+    name = "mpi"
+
+    def __init__(self, comm=None):
+        from mpi4py import MPI
+
+        self.MPI = MPI
+        self.comm = MPI.COMM_WORLD if comm is None else comm
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        local = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+        self.local_rank = local.Get_rank()
+        self.local_size = local.Get_size()
+        local.Free()
+
+    def reduce(self, buf, root):
+        MPI = self.MPI
+        if self.rank == root:
+            return self.comm.Ireduce(MPI.IN_PLACE, buf, op=MPI.SUM, root=root)
+        return self.comm.Ireduce(buf, None, op=MPI.SUM, root=root)
+
+    def bcast(self, buf, root):
+        return self.comm.Ibcast(buf, root=root)
+
+    def wait_all(self, handles):
+        handles = [h for h in handles if h is not None]
+        if handles:
+            self.MPI.Request.Waitall(handles)
+
+    def allgather_values(self, values):
+        mine = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
+        out = np.empty((self.size, mine.size), dtype=np.float64)
+        self.comm.Allgather(mine, out)
+        return out
+
+    def gather_arrays(self, arrays, root=0):
+        """Every rank's ``{name: array}`` merged on ``root`` ({} elsewhere): a small pickled
+        manifest, then each array as raw bytes through the buffer API (no size limit of pickle)."""
+        manifest = [(k, np.asarray(a).dtype.str, tuple(np.shape(a))) for k, a in arrays.items()]
+        manifests = self.comm.gather(manifest, root=root)
+        if self.rank != root:
+            for a in arrays.values():
+                raw = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+                self.comm.Send(raw, dest=root, tag=71)
+            return {}
+        out = dict(arrays)
+        for src, entries in enumerate(manifests):
+            if src == root:
+                continue
+            for key, dtype, shape in entries:
+                dt = np.dtype(dtype)
+                raw = np.empty(int(np.prod(shape, dtype=np.int64)) * dt.itemsize, dtype=np.uint8)
+                self.comm.Recv(raw, source=src, tag=71)
+                out[key] = raw.view(dt).reshape(shape)
+        return out
+
+    def bcast_object(self, obj, root=0):
+        return self.comm.bcast(obj, root=root)
+
+    def barrier(self):
+        self.comm.Barrier()
+
+    def abort(self, code=1):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
+
+
+def communicator():
+    """The communicator for this process: MPI when started by an MPI launcher, else one process."""
+    if not launched_by_mpi():
+        return SingleProcess()
+    try:
+        return MPICommunicator()
+    except ImportError as exc:
+        raise RuntimeError(f"started by an MPI launcher but mpi4py cannot be imported ({exc}); "
+                           f"pip install -e '.[mpi]'") from None
+
+
+def for_backend(comm, backend_name):
+    """The communicator the step uses with this backend: with the cupy backend and more than one
+    rank, NCCL on device buffers (``backends.cupy_backend.nccl``, bootstrapped over ``comm``)."""
+    if backend_name == "cupy" and comm.size > 1 and isinstance(comm, MPICommunicator):
+        from backends.cupy_backend.nccl import NCCLCommunicator
+
+        return NCCLCommunicator(comm)
+    return comm
+
+
+def device_for_rank(comm, n_devices):
+    """The GPU a rank uses on its host: local rank modulo the local device count."""
+    return comm.local_rank % max(int(n_devices), 1)
+
+
+# ----------------------------------------------------------------------------- ownership
+
+def assign_owners(items, size):
+    """Owner rank of every item: greedy largest-first onto the least-loaded rank.
+
+    ``items`` is a list of ``(key, cost)``; ties go to the lowest rank and equal costs keep the
+    list's order, so every rank computes the same answer. Returns ``{key: rank}``.
+    """
+    load = [0] * size
+    owner = {}
+    order = sorted(range(len(items)), key=lambda i: (-items[i][1], i))
+    for i in order:
+        key, cost = items[i]
+        r = min(range(size), key=lambda k: (load[k], k))
+        owner[key] = r
+        load[r] += cost
+    return owner
+
+
+def state_bytes_of(opt, index):
+    """Bytes of optimizer state parameter ``index`` of ``opt`` will hold (from its spec)."""
+    spec = opt._param_spec(index)
+    total = 8  # the step counter
+    for shape, dtype in spec.values():
+        total += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return total
+
+
+class _ShapeOnly:
+    """A parameter stand-in with a shape and dtype but no memory (zero-stride view)."""
+
+    def __init__(self, shape, dtype):
+        self.data = np.broadcast_to(np.zeros((), dtype=dtype), tuple(shape))
+        self.grad = None
+
+
+def state_bytes_per_rank(cfg, size, dtype=np.float32):
+    """Optimizer-state bytes each of ``size`` ranks holds for config ``cfg`` once every parameter
+    has stepped (the trainer's optimizers and ownership rule, from the parameter table alone: no
+    weights are allocated, so it works for the 3B preset on a laptop). Returns a list over ranks."""
+    from types import SimpleNamespace
+
+    from nanochat.model.params import parameter_table
+    from nanochat.train.trainer import build_optimizers
+
+    table = parameter_table(cfg.model)
+    model = SimpleNamespace(params={s.name: _ShapeOnly(s.shape, dtype) for s in table}, be=None,
+                            param_groups=lambda: {s.name: s.group for s in table})
+    optimizers = build_optimizers(model, cfg)
+    by_id = {id(p): n for n, p in model.params.items()}
+    slots = {by_id[id(p)]: (opt, i) for _, opt, _ in optimizers for i, p in enumerate(opt.params)}
+    names = list(model.params)
+    shapes = {n: tuple(model.params[n].data.shape) for n in names}
+    plan = plan_ownership(names, shapes, slots, size)
+    out = [0] * size
+    for n, (opt, i) in slots.items():
+        full = state_bytes_of(opt, i)
+        rows = shapes[n][0] if shapes[n] else 1
+        for lo, hi, r in plan[n]:
+            out[r] += 8 + (full - 8) * (hi - lo) // max(rows, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------- data parallel
+
+ELEMENTWISE = ("AdamW", "Lion")  # optimizers whose update is per element: their tensors may be split by rows
+
+
+class RowShard:
+    """Rows ``[lo, hi)`` of a parameter, standing in for it in an elementwise optimizer so that
+    the optimizer keeps (and updates) state for those rows only."""
+
+    def __init__(self, param, lo, hi):
+        self.param, self.lo, self.hi = param, lo, hi
+
+    @property
+    def data(self):
+        return self.param.data[self.lo:self.hi]
+
+    @property
+    def grad(self):
+        g = self.param.grad
+        return None if g is None else g[self.lo:self.hi]
+
+    @grad.setter
+    def grad(self, value):
+        if value is None:
+            self.param.grad = None
+
+
+def plan_ownership(names, shapes, slots, size):
+    """Which rank updates which rows: ``{name: [(row_lo, row_hi, rank), ...]}``.
+
+    ``slots[name] = (optimizer, index)`` (absent for parameters no optimizer steps). Muon and
+    GaLore matrices stay whole. An AdamW/Lion tensor holding more than a quarter of an even
+    share of the state is split into ``min(size, rows)`` row blocks, block ``j`` on rank ``j``;
+    every other tensor goes whole to the least-loaded rank, largest first (``assign_owners``).
+    """
+    costs = {n: (state_bytes_of(*slots[n]) if n in slots else 0) for n in names}
+    share = sum(costs.values()) / size
+    plan, load, whole = {}, [0] * size, []
+    for n in names:
+        rows = shapes[n][0] if shapes[n] else 1
+        splittable = n in slots and type(slots[n][0]).__name__ in ELEMENTWISE and len(shapes[n]) >= 1
+        if size > 1 and splittable and rows >= 2 and costs[n] > share / 4:
+            k = min(size, rows)
+            bounds = np.linspace(0, rows, k + 1).astype(int)
+            plan[n] = [(int(bounds[j]), int(bounds[j + 1]), j) for j in range(k)]
+            for j in range(k):
+                load[j] += costs[n] * (bounds[j + 1] - bounds[j]) // rows
+        else:
+            whole.append((n, costs[n]))
+    order = sorted(range(len(whole)), key=lambda i: (-whole[i][1], i))
+    for i in order:
+        n, cost = whole[i]
+        r = min(range(size), key=lambda k: (load[k], k))
+        load[r] += cost
+        rows = shapes[n][0] if shapes[n] else 1
+        plan[n] = [(0, rows, r)]
+    return plan
+
+
+class DataParallel:
+    """Flat gradient and weight buffers over ``model.params`` with per-range owners (module doc)."""
+
+    def __init__(self, model, optimizers, comm, bucket_bytes=DEFAULT_BUCKET_BYTES):
+        self.model = model
+        self.comm = comm
+        self.be = model.be
+        xp = self.be.xp
+        params = model.params
+        self.names = list(params)
+        by_id = {id(p): name for name, p in params.items()}
+        self.slot = {}  # name -> (optimizer, index)
+        self.labels = {}  # id(optimizer) -> group label
+        for label, opt, _ in optimizers:
+            self.labels[id(opt)] = label
+            for i, p in enumerate(opt.params):
+                self.slot[by_id[id(p)]] = (opt, i)
+        self.optimizers = optimizers
+        shapes = {n: tuple(params[n].data.shape) for n in self.names}
+        self.plan = plan_ownership(self.names, shapes, self.slot, comm.size)
+        self.dtype = np.dtype(params[self.names[0]].data.dtype)
+        # Layout: model order. Ranges: (start, stop, owner) in flat elements, one per owned row block.
+        self.offset, self.ranges, self.range_names, pos = {}, [], [], 0
+        for n in self.names:
+            size = int(np.prod(shapes[n], dtype=np.int64))
+            self.offset[n] = (pos, pos + size)
+            row = size // max(shapes[n][0], 1) if shapes[n] else 1
+            for lo, hi, r in self.plan[n]:
+                self.ranges.append((pos + lo * row, pos + hi * row, r))
+                self.range_names.append(n)
+            pos += size
+        self.numel = pos
+        per_bucket = max(1, int(bucket_bytes) // self.dtype.itemsize)
+        self.buckets = []  # (start, stop, owner): never straddles two owners
+        for lo, hi, r in self.ranges:
+            if self.buckets and self.buckets[-1][2] == r and self.buckets[-1][1] == lo \
+                    and hi - self.buckets[-1][0] <= per_bucket:
+                self.buckets[-1] = (self.buckets[-1][0], hi, r)
+                continue
+            for s in range(lo, hi, per_bucket):
+                self.buckets.append((s, min(s + per_bucket, hi), r))
+        self.mine = [(lo, hi) for lo, hi, r in self.ranges if r == comm.rank and hi > lo]
+        self.owns = {n: any(r == comm.rank for _, _, r in self.plan[n]) for n in self.names}
+        self.split = {n: [(lo, hi, r) for lo, hi, r in self.plan[n]] for n in self.names if len(self.plan[n]) > 1}
+        self.pbuf = xp.empty(self.numel, dtype=self.dtype)
+        self.gbuf = xp.empty(self.numel, dtype=self.dtype)
+        self.comm_seconds = 0.0  # collective time of the current step
+        self.stop_flag = StopFlag()
+        self._sharded = False
+        self.bind_params()
+
+    # -- layout
+    def view(self, buf, name):
+        lo, hi = self.offset[name]
+        return buf[lo:hi].reshape(self.model.params[name].data.shape)
+
+    def bind_params(self):
+        """Make every parameter's ``.data`` a view into the flat weight buffer (copying the
+        current values in). Called at set-up and whenever something replaced a ``.data``."""
+        for n in self.names:
+            p = self.model.params[n]
+            v = self.view(self.pbuf, n)
+            if p.data is not v:
+                v[...] = p.data
+                p.data = v
+        self._bound = [self.model.params[n].data for n in self.names]
+
+    def _check_bound(self):
+        if any(self.model.params[n].data is not b for n, b in zip(self.names, self._bound)):
+            self.bind_params()
+
+    def shard_state(self):
+        """Keep only this rank's share of the optimizer state (after set-up or a restore): drop
+        the state of parameters owned elsewhere; a row-split tensor's optimizer entry becomes a
+        ``RowShard`` of this rank's rows, its state sliced to them."""
+        if self._sharded:
+            return
+        for n in self.names:
+            if n not in self.slot:
+                continue
+            opt, i = self.slot[n]
+            mine = [(lo, hi) for lo, hi, r in self.plan[n] if r == self.comm.rank]
+            if not mine:
+                opt.state[i] = {}
+            elif n in self.split:
+                lo, hi = mine[0]
+                rows = self.model.params[n].data.shape[0]
+                opt.params[i] = RowShard(self.model.params[n], lo, hi)
+                xp = self.be.xp
+                opt.state[i] = {k: (xp.ascontiguousarray(a[lo:hi]) if getattr(a, "ndim", 0) >= 1 and a.shape[0] == rows
+                                    else a) for k, a in opt.state[i].items()}
+        self._sharded = True
+
+    def state_nbytes(self):
+        """Optimizer-state bytes this rank holds."""
+        return sum(opt.state_nbytes() for _, opt, _ in self.optimizers)
+
+    def expected_state_nbytes(self):
+        """Optimizer-state bytes per rank once every parameter has stepped: a list over ranks."""
+        out = [0] * self.comm.size
+        for n, (opt, i) in self.slot.items():
+            spec_rows = self.model.params[n].data.shape[0] if self.model.params[n].data.ndim else 1
+            full = _full_state_bytes(opt, i, tuple(self.model.params[n].data.shape))
+            for lo, hi, r in self.plan[n]:
+                out[r] += 8 + (full - 8) * (hi - lo) // max(spec_rows, 1)
+        return out
+
+    # -- one step
+    def reduce(self, record):
+        """Sum the gradients onto their owners and average the loss numbers over ranks.
+
+        Afterwards ``.grad`` of a parameter this rank updates (in whole or in part) is a view
+        into the flat buffer holding the global mean gradient on this rank's rows; every other
+        ``.grad`` is None. ``record``'s loss numbers become the global means and
+        ``record["expert_load"]`` the global counts.
+        """
+        t0 = time.perf_counter()
+        comm, params = self.comm, self.model.params
+        self._check_bound()
+        handles = []
+        had = np.zeros(len(self.names))
+        # Fill buckets from the back (the last parameters' gradients were ready first) and start
+        # each reduction as soon as its bucket is filled.
+        k = len(self.names) - 1
+        for start, stop, root in reversed(self.buckets):
+            while k >= 0:
+                n = self.names[k]
+                lo, hi = self.offset[n]
+                if hi <= start:
+                    break
+                a, b = max(lo, start), min(hi, stop)
+                if a < b:
+                    g = params[n].grad
+                    if g is None:
+                        self.gbuf[a:b] = 0
+                    else:
+                        had[k] = 1.0
+                        self.gbuf[a:b] = g.reshape(-1)[a - lo:b - lo]
+                if lo >= start:
+                    k -= 1
+                else:
+                    break
+            self.be.synchronize()
+            handles.append(comm.reduce(self.gbuf[start:stop], root))
+        loads = record.get("expert_load") or []
+        flat_loads = [x for row in loads for x in row]
+        small = np.concatenate([[record["loss"], record["ce"], record["mtp"], record["moe_aux"]], had,
+                                np.asarray(flat_loads, dtype=np.float64)])
+        gathered = comm.allgather_values(small)
+        comm.wait_all(handles)
+        total = gathered[0].copy()
+        for row in gathered[1:]:
+            total += row
+        for j, key in enumerate(("loss", "ce", "mtp", "moe_aux")):
+            record[key] = float(total[j] / comm.size)
+        any_grad = total[4:4 + len(self.names)] > 0
+        if flat_loads:
+            counts = total[4 + len(self.names):].astype(np.int64).tolist()
+            width = len(loads[0])
+            record["expert_load"] = [counts[i:i + width] for i in range(0, len(counts), width)]
+        scale = self.dtype.type(1.0 / comm.size)
+        for lo, hi in self.mine:
+            seg = self.gbuf[lo:hi]
+            seg *= scale
+        for j, n in enumerate(self.names):
+            params[n].grad = self.view(self.gbuf, n) if (self.owns[n] and any_grad[j]) else None
+        self.comm_seconds = time.perf_counter() - t0
+        return record
+
+    def clip_by_global_norm(self, max_norm):
+        """Global gradient norm over all ranks' shards (float64, added in rank order; the same
+        on every rank); scales this rank's rows as ``clip_by_global_norm`` does when
+        ``max_norm > 0``. Returns the norm."""
+        xp = self.be.xp
+        params = self.model.params
+        live = [(lo, hi) for (lo, hi, r), n in zip(self.ranges, self.range_names)
+                if r == self.comm.rank and hi > lo and params[n].grad is not None]
+        local = 0.0
+        if live:
+            sums = [xp.sum(self.gbuf[lo:hi] * self.gbuf[lo:hi], dtype=np.float64) for lo, hi in live]
+            local = float(xp.stack(sums).sum())
+        t0 = time.perf_counter()
+        parts = self.comm.allgather_values([local])[:, 0]
+        self.comm_seconds += time.perf_counter() - t0
+        total = 0.0
+        for v in parts:
+            total += float(v)
+        norm = float(np.sqrt(total))
+        if max_norm > 0:
+            factor = max_norm / (norm + 1e-6)
+            if np.isfinite(norm) and factor < 1.0:
+                for lo, hi in live:
+                    seg = self.gbuf[lo:hi]
+                    seg *= factor
+        return norm
+
+    def gather_params(self):
+        """Owners broadcast their updated weights: every replica ends the step identical."""
+        t0 = time.perf_counter()
+        self.be.synchronize()
+        handles = [self.comm.bcast(self.pbuf[start:stop], root) for start, stop, root in self.buckets]
+        self.comm.wait_all(handles)
+        self.comm_seconds += time.perf_counter() - t0
+
+    def mean_over_rows(self, losses, rows):
+        """Validation: per-batch means weighted by each rank's rows, then the mean over batches
+        (what one process computes on the whole batches)."""
+        vals = np.asarray(losses, dtype=np.float64) * np.asarray(rows, dtype=np.float64)
+        parts = self.comm.allgather_values(np.concatenate([vals, np.asarray(rows, dtype=np.float64)]))
+        k = len(losses)
+        sums, counts = parts[0, :k].copy(), parts[0, k:].copy()
+        for row in parts[1:]:
+            sums += row[:k]
+            counts += row[k:]
+        keep = counts > 0
+        return float(np.mean(sums[keep] / counts[keep])) if keep.any() else float("nan")
+
+    def describe(self, cfg):
+        """One line for the screen: ranks, global batch, the sharded optimizer state."""
+        t = cfg.train
+        per = self.expected_state_nbytes()
+        return (f"data parallel: {self.comm.size} ranks ({self.comm.name}); global batch {self.comm.size} x "
+                f"{t.batch_size} x grad_accum {t.grad_accum} = {self.comm.size * t.batch_size * t.grad_accum} "
+                f"sequences; optimizer state per rank {', '.join(f'{b / 2**20:.1f}' for b in per)} MiB "
+                f"(one process: {sum(_full_state_bytes(o, i, tuple(self.model.params[n].data.shape)) for n, (o, i) in self.slot.items()) / 2**20:.1f} MiB); "
+                f"{len(self.buckets)} buckets")
+
+    def agree(self, flag):
+        """True on every rank when ``flag`` is true on any (one tiny collective)."""
+        return bool(self.comm.allgather_values([1.0 if flag else 0.0]).max() > 0)
+
+    def gather_state(self, local_state):
+        """The optimizer state of every rank merged on rank 0 (for a checkpoint); {} elsewhere.
+
+        Row blocks of split tensors are sent as ``key@row`` and joined in row order on rank 0,
+        so the checkpoint holds every tensor's state at full shape, whatever the world size."""
+        split_keys = {}
+        for n in self.split:
+            opt, i = self.slot[n]
+            split_keys[f"{self.labels[id(opt)]}/{i}."] = n
+        tagged = {}
+        for key, a in local_state.items():
+            prefix = key[:key.index(".") + 1]
+            n = split_keys.get(prefix)
+            if n is not None and getattr(a, "ndim", 0) >= 1:
+                lo = next(lo for lo, hi, r in self.plan[n] if r == self.comm.rank)
+                tagged[f"{key}@{lo}"] = a
+            else:
+                tagged[key] = a
+        merged = self.comm.gather_arrays(tagged, root=0)
+        if not self.comm.is_main:
+            return {}
+        out, blocks = {}, {}
+        for key, a in merged.items():
+            if "@" in key:
+                base, lo = key.rsplit("@", 1)
+                blocks.setdefault(base, []).append((int(lo), a))
+            else:
+                out[key] = a
+        for base, parts in blocks.items():
+            out[base] = np.concatenate([a for _, a in sorted(parts, key=lambda t: t[0])], axis=0)
+        return out
+
+    def weights_hash(self):
+        """A digest of all weights (tests: replicas must agree bit for bit)."""
+        import hashlib
+
+        return hashlib.sha256(np.ascontiguousarray(self.be.to_numpy(self.pbuf)).tobytes()).hexdigest()
+
+
+def _full_state_bytes(opt, index, shape):
+    """State bytes of parameter ``index`` at its full ``shape`` (even while a RowShard stands in)."""
+    p = opt.params[index]
+    if isinstance(p, RowShard):
+        spec = opt._state_spec(shape, p.param.data.dtype)
+    else:
+        spec = opt._param_spec(index)
+    return 8 + sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for s, d in spec.values())
+
+
+
+# ----------------------------------------------------------------------------- process control
+
+class StopFlag:
+    """SIGINT sets a flag instead of raising, so ranks never stop in different places; the
+    trainer agrees on it once per step (``DataParallel.agree``)."""
+
+    def __init__(self):
+        self.set = False
+        self._installed = False
+        self._previous = None
+
+    def __enter__(self):
+        self._installed = threading.current_thread() is threading.main_thread()
+        if self._installed:
+            self._previous = signal.signal(signal.SIGINT, self._note)
+        return self
+
+    def _note(self, signum, frame):
+        self.set = True
+
+    def __exit__(self, *exc):
+        if self._installed:
+            signal.signal(signal.SIGINT, signal.SIG_DFL if self._previous is None else self._previous)
+        return False
+
+
+class SilentBar:
+    """Progress bar of ranks other than 0."""
+
+    def update(self, *a, **k):
+        pass
+
+    def set_postfix(self, *a, **k):
+        pass
+
+    def write(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+
+class NullLogger:
+    """Metrics sink of ranks other than 0."""
+
+    path = None
+    tb_dir = None
+
+    def log(self, record):
+        pass
+
+    def close(self):
+        pass
+
+
+def one_line(exc):
+    text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, (RuntimeError, ValueError, OSError)) else str(exc)
+    return " ".join(text.split())
+
+
+@contextmanager
+def fail_together(comm):
+    """With more than one rank, an exception on any rank prints one ``error: rank r of N: ...``
+    line and aborts every rank (``MPI_Abort``), so no rank waits forever in a collective."""
+    try:
+        yield
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        if comm.size > 1:
+            print(f"error: rank {comm.rank} of {comm.size}: {one_line(exc)}", file=sys.stderr, flush=True)
+            comm.abort(1)
+        raise
+
+
+def install_excepthook(comm):
+    """An uncaught exception on this rank prints one ``error: rank r of N: ...`` line and aborts
+    every rank (as ``python -m mpi4py`` does), so no rank waits forever in a collective."""
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, KeyboardInterrupt):
+            print(f"error: rank {comm.rank} of {comm.size}: interrupted", file=sys.stderr, flush=True)
+        else:
+            print(f"error: rank {comm.rank} of {comm.size}: {one_line(exc)}", file=sys.stderr, flush=True)
+        if os.environ.get("NANOCHAT_TRACEBACK"):
+            sys.__excepthook__(exc_type, exc, tb)
+        comm.abort(1)
+
+    sys.excepthook = hook
+
+
+def agree_on_failure(comm, exc):
+    """Set-up errors: every rank learns whether any rank failed; only the lowest failing rank
+    prints. Returns the message to print on this rank (or None), and whether any rank failed."""
+    flags = comm.allgather_values([1.0 if exc is not None else 0.0])[:, 0]
+    failed = [r for r in range(comm.size) if flags[r] > 0]
+    if not failed:
+        return None, False
+    if comm.rank == failed[0]:
+        prefix = f"rank {comm.rank} of {comm.size}: " if comm.size > 1 and comm.rank != 0 else ""
+        return f"error: {prefix}{exc}", True
+    return None, True
+
+
+def mpiexec_path():
+    """The MPI launcher next to this Python (the mpich wheel's), else the one on PATH."""
+    import shutil
+    from pathlib import Path
+
+    here = Path(sys.executable).parent
+    for name in ("mpiexec", "mpirun"):
+        if (here / name).exists():
+            return str(here / name)
+    found = shutil.which("mpiexec") or shutil.which("mpirun")
+    if found is None:
+        raise RuntimeError("--nproc needs an MPI launcher: pip install -e '.[mpi]' (mpi4py and the mpich wheel)")
+    return found
+
+
+def launch(nproc, argv, threads=None):
+    """Run ``python -m nanochat.train argv`` as ``nproc`` ranks on this machine; returns the exit code.
+
+    Each rank gets ``NANOCHAT_THREADS`` = cores / nproc (at least 1) unless the variable is set.
+    """
+    import subprocess
+
+    env = dict(os.environ)
+    if "NANOCHAT_THREADS" not in env:
+        env["NANOCHAT_THREADS"] = str(threads or max(1, (os.cpu_count() or 1) // nproc))
+    cmd = [mpiexec_path(), "-n", str(nproc), sys.executable, "-m", "nanochat.train", *argv]
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:  # mpiexec forwards the signal to the ranks; wait for their checkpoint
+        return proc.wait()
+
+
+def strip_nproc(argv):
+    """``(n, argv without --nproc N)``; n is None when absent."""
+    out, n, i = [], None, 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--nproc" and i + 1 < len(argv):
+            n = argv[i + 1]
+            i += 2
+            continue
+        if a.startswith("--nproc="):
+            n = a.split("=", 1)[1]
+            i += 1
+            continue
+        out.append(a)
+        i += 1
+    if n is not None:
+        try:
+            n = int(n)
+        except ValueError:
+            raise ValueError(f"--nproc must be a whole number of processes, got {n!r}") from None
+        if not 1 <= n <= 1024:
+            raise ValueError(f"--nproc must lie in [1, 1024], got {n}")
+    return n, out
