@@ -264,7 +264,7 @@ class MhcDynamicCoeffs(Function):
 
 
 # --- applying the coefficients ---------------------------------------------------------------
-def _check_stream_coeff(op, name, coeff, x, tail):
+def check_stream_coeff(op, name, coeff, x, tail):
     shared, per_token = tail, x.shape[:-2] + tail
     if coeff.shape not in (shared, per_token):
         raise ValueError(
@@ -285,7 +285,7 @@ class MhcPre(Function):
     def forward(ctx, x, h_pre):
         if x.ndim < 2:
             raise ValueError(f"mhc_pre: X has shape {x.shape}, expected [..., n, C]")
-        shared = _check_stream_coeff("mhc_pre", "h_pre", h_pre, x, (x.shape[-2],))
+        shared = check_stream_coeff("mhc_pre", "h_pre", h_pre, x, (x.shape[-2],))
         ctx.save(x, h_pre, shared)
         return (h_pre[..., :, None] * x).sum(axis=-2)
 
@@ -309,8 +309,8 @@ class MhcPost(Function):
         if x.ndim < 2 or y.shape != x.shape[:-2] + x.shape[-1:]:
             raise ValueError(f"mhc_post: X has shape {x.shape} and y {y.shape}, expected [..., n, C] and [..., C]")
         n = x.shape[-2]
-        shared_res = _check_stream_coeff("mhc_post", "H_res", h_res, x, (n, n))
-        shared_post = _check_stream_coeff("mhc_post", "h_post", h_post, x, (n,))
+        shared_res = check_stream_coeff("mhc_post", "H_res", h_res, x, (n, n))
+        shared_post = check_stream_coeff("mhc_post", "h_post", h_post, x, (n,))
         z = x + h_post[..., :, None] * y[..., None, :]
         ctx.save(z, y, h_res, h_post, shared_res, shared_post)
         return h_res @ z

@@ -166,7 +166,7 @@ relu2 = ReLU2.apply
 # --- fused gated FFN units ------------------------------------------------------------------
 
 
-def _check_gate_up(op, gate, up):
+def check_gate_up(op, gate, up):
     if gate.shape != up.shape:
         raise ValueError(f"{op}: gate shape {gate.shape} and up shape {up.shape} must be equal")
     _check_same_dtype(op, gate, up)
@@ -177,7 +177,7 @@ class SwiGLU(Function):
 
     @staticmethod
     def forward(ctx, gate, up):
-        _check_gate_up("swiglu", gate, up)
+        check_gate_up("swiglu", gate, up)
         act, _ = _silu_and_slope(gate)
         ctx.save(gate, up)
         return act * up
@@ -196,7 +196,7 @@ class ReLU2GLU(Function):
 
     @staticmethod
     def forward(ctx, gate, up):
-        _check_gate_up("relu2_glu", gate, up)
+        check_gate_up("relu2_glu", gate, up)
         xp = array_module(gate)
         r = xp.maximum(gate, 0.0)
         ctx.save(r, up)
@@ -320,7 +320,7 @@ def rope(x, positions, theta=10000.0):
 # --- attention -----------------------------------------------------------------------------
 
 
-def _check_attention_shapes(q, k, v, causal):
+def check_attention_shapes(q, k, v, causal):
     shapes = f"q shape {q.shape}, k shape {k.shape}, v shape {v.shape}"
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention: q, k, v must be 4-D [B, T, H, hd] / [B, S, H, hd]; got {shapes}")
@@ -349,7 +349,7 @@ class Attention(Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal=True, scale=None):
-        _check_attention_shapes(q, k, v, causal)
+        check_attention_shapes(q, k, v, causal)
         xp = array_module(q, k, v)
         b, t, n_q, hd = q.shape
         s_len, n_kv, dv = k.shape[1], k.shape[2], v.shape[3]
@@ -401,7 +401,7 @@ def attention(q, k, v, causal=True, scale=None):
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def _check_cross_entropy(logits, targets, weights, ignore_index, reduction):
+def check_cross_entropy(logits, targets, weights, ignore_index, reduction):
     if reduction not in _REDUCTIONS:
         raise ValueError(f"cross_entropy: reduction {reduction!r} must be one of {_REDUCTIONS}")
     if logits.ndim != 2:
@@ -455,7 +455,7 @@ class CrossEntropy(Function):
     def forward(ctx, logits, targets, weights=None, ignore_index=-100, reduction="mean"):
         xp = array_module(logits)
         targets = xp.asarray(targets)
-        _check_cross_entropy(logits, targets, weights, ignore_index, reduction)
+        check_cross_entropy(logits, targets, weights, ignore_index, reduction)
         if weights is not None:
             _check_same_dtype("cross_entropy", logits, weights)
         losses, lse, valid, safe_targets = _per_token(logits, targets, ignore_index)
@@ -532,7 +532,7 @@ def cross_entropy_per_token(logits, targets, ignore_index=-100):
     logits = logits.data if isinstance(logits, Tensor) else logits
     xp = array_module(logits)
     targets = xp.asarray(targets.data if isinstance(targets, Tensor) else targets)
-    _check_cross_entropy(logits, targets, None, ignore_index, "none")
+    check_cross_entropy(logits, targets, None, ignore_index, "none")
     losses, _, _, _ = _per_token(logits, targets, ignore_index)
     return losses
 

@@ -39,7 +39,7 @@ _DECODE = np.array([0, 1, 0, -1], dtype=np.int8)
 _SHIFTS = np.array([0, 2, 4, 6], dtype=np.uint8)
 
 
-def _require_float(op, name, a):
+def require_float(op, name, a):
     if not hasattr(a, "dtype") or a.dtype.kind != "f":
         raise ValueError(f"{op}: {name} must be a floating-point array, got dtype {getattr(a, 'dtype', type(a).__name__)}")
 
@@ -49,7 +49,7 @@ def _require_int8(op, name, a):
         raise ValueError(f"{op}: {name} must be an int8 array, got dtype {getattr(a, 'dtype', type(a).__name__)}")
 
 
-def _check_group_size(op, k, group_size):
+def check_group_size(op, k, group_size):
     if not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool) or group_size <= 0:
         raise ValueError(f"{op}: group_size must be a positive integer, got {group_size!r}")
     if k % group_size != 0:
@@ -87,11 +87,11 @@ def quantize_weights(w, group_size):
     mean |w| is below 1e-8 (or rounds to 0 in float16) are all zero with ``s = 0``.
     """
     w = _data(w)
-    _require_float("quantize_weights", "w", w)
+    require_float("quantize_weights", "w", w)
     if w.ndim != 2:
         raise ValueError(f"quantize_weights: w must be 2-D [M, K], got shape {w.shape}")
     m, k = w.shape
-    _check_group_size("quantize_weights", k, group_size)
+    check_group_size("quantize_weights", k, group_size)
     xp = array_module(w)
     groups = w.reshape(m, k // group_size, group_size)
     mean = xp.abs(groups).sum(axis=-1, dtype=np.float64) / group_size
@@ -116,7 +116,7 @@ def quantize_acts(x):
     ``max|x| < 1e-8`` gets ``q = 0, s = 0``.
     """
     x = _data(x)
-    _require_float("quantize_acts", "x", x)
+    require_float("quantize_acts", "x", x)
     if x.ndim < 1:
         raise ValueError(f"quantize_acts: x must have at least one axis [..., K], got shape {x.shape}")
     xp = array_module(x)
@@ -140,11 +140,11 @@ def dequantize_weights(q, s, group_size):
     float ``[M, K]`` in ``s``'s dtype (exact: one trit times one scale)."""
     q, s = _data(q), _data(s)
     _require_int8("dequantize_weights", "q", q)
-    _require_float("dequantize_weights", "s", s)
+    require_float("dequantize_weights", "s", s)
     if q.ndim != 2:
         raise ValueError(f"dequantize_weights: q must be 2-D [M, K], got shape {q.shape}")
     m, k = q.shape
-    _check_group_size("dequantize_weights", k, group_size)
+    check_group_size("dequantize_weights", k, group_size)
     if s.shape != (m, k // group_size):
         raise ValueError(
             f"dequantize_weights: scales have shape {s.shape}, expected {(m, k // group_size)} for q {q.shape} and group_size {group_size}"
@@ -175,7 +175,7 @@ def _grouped_dot(qx, qw, s, group_size):
 # --- ternary_linear ---------------------------------------------------------------------
 
 
-def _check_keep(keep, rows):
+def check_keep(keep, rows):
     xp = array_module(keep)
     keep = xp.asarray(keep)
     if keep.ndim != 1 or keep.dtype.kind not in "iu":
@@ -212,7 +212,7 @@ def resolve_keep(keep, n_rows):
         keep = keep.rows
     if keep is None:
         return None
-    return _check_keep(_data(keep), n_rows)
+    return check_keep(_data(keep), n_rows)
 
 
 def rows_to_full(rows_grad, keep, n_rows):
@@ -237,19 +237,19 @@ class TernaryLinear(Function):
 
     @staticmethod
     def forward(ctx, x, w, group_size, keep=None):
-        _require_float("ternary_linear", "x", x)
-        _require_float("ternary_linear", "w", w)
+        require_float("ternary_linear", "x", x)
+        require_float("ternary_linear", "w", w)
         if w.ndim != 2:
             raise ValueError(f"ternary_linear: w must be 2-D [M, K], got shape {w.shape}")
         m, k = w.shape
-        _check_group_size("ternary_linear", k, group_size)
+        check_group_size("ternary_linear", k, group_size)
         if x.ndim < 1 or x.shape[-1] != k:
             raise ValueError(f"ternary_linear: x has shape {x.shape} but w has shape {w.shape}; the last axis of x must be K = {k}")
         if x.dtype != w.dtype:
             raise ValueError(f"ternary_linear: x is {x.dtype} but w is {w.dtype}; both must have the same dtype")
         x2 = x.reshape(-1, k)
         if keep is not None and not isinstance(keep, RowSelection):
-            keep = _check_keep(_data(keep), x2.shape[0])
+            keep = check_keep(_data(keep), x2.shape[0])
         qx, sx = quantize_acts(x2)
         qw, sw = quantize_weights(w, group_size)
         y = sx.astype(np.float64)[:, None] * _grouped_dot(qx, qw, sw, group_size)
@@ -301,7 +301,7 @@ class DenseLinear(Function):
             raise ValueError(f"dense_linear: expected x [N, K] and w [M, K], got shapes {x.shape} and {w.shape}")
         _check_same_dtype("dense_linear", x, w)
         if keep is not None and not isinstance(keep, RowSelection):
-            keep = _check_keep(_data(keep), x.shape[0])
+            keep = check_keep(_data(keep), x.shape[0])
         ctx.save(x, w, keep)
         return x @ w.T
 
@@ -387,8 +387,8 @@ def prepare_packed(packed, scales, group_size):
     packed, scales = _data(packed), _data(scales)
     q = unpack_ternary(packed)
     m, k = q.shape
-    _check_group_size("prepare_packed", k, group_size)
-    _require_float("prepare_packed", "scales", scales)
+    check_group_size("prepare_packed", k, group_size)
+    require_float("prepare_packed", "scales", scales)
     if scales.shape != (m, k // group_size):
         raise ValueError(
             f"prepare_packed: scales have shape {scales.shape}, expected {(m, k // group_size)} for packed weights {packed.shape} (K = {k}) and group_size {group_size}"

@@ -424,7 +424,7 @@ def _ce_case(rng, n, v, scale=3.0):
 
 
 @check("cross_entropy")
-def _check_cross_entropy(be, rng):
+def check_cross_entropy(be, rng):
     for n, v, scale in [(1, 1, 1.0), (9, 37, 3.0), (16, 300, 20.0)]:
         logits, targets = _ce_case(rng, n, v, scale)
         weights = rng.uniform(0, 2, n)

@@ -502,7 +502,7 @@ class FlashAttention(Function):
 def attention(q, k, v, causal=True, scale=None):
     """GQA attention (SPEC 5): q [B, T, Hq, hd], k [B, S, Hkv, hd], v [B, S, Hkv, dv] -> [B, T, Hq, dv]."""
     qd, kd, vd = _data(q), _data(k), _data(v)
-    ref_nn._check_attention_shapes(qd, kd, vd, causal)
+    ref_nn.check_attention_shapes(qd, kd, vd, causal)
     if not _all_f32(qd, kd, vd) or 0 in qd.shape or 0 in kd.shape or max(qd.shape[3], vd.shape[3]) > _FA_MAX_DIM:
         return ref_nn.attention(q, k, v, causal=causal, scale=scale)
     return FlashAttention.apply(q, k, v, causal=causal, scale=scale)
@@ -588,7 +588,7 @@ class MhcPre(Function):
 
     @staticmethod
     def forward(ctx, x, h_pre):
-        shared = ref_mhc._check_stream_coeff("mhc_pre", "h_pre", h_pre, x, (x.shape[-2],))
+        shared = ref_mhc.check_stream_coeff("mhc_pre", "h_pre", h_pre, x, (x.shape[-2],))
         n, c_len = x.shape[-2], x.shape[-1]
         x3 = _f32(x).reshape(-1, n, c_len)
         t_len = x3.shape[0]
@@ -631,8 +631,8 @@ class MhcPost(Function):
         if x.ndim < 2 or y.shape != x.shape[:-2] + x.shape[-1:]:
             raise ValueError(f"mhc_post: X has shape {x.shape} and y {y.shape}, expected [..., n, C] and [..., C]")
         n, c_len = x.shape[-2], x.shape[-1]
-        shared_res = ref_mhc._check_stream_coeff("mhc_post", "H_res", h_res, x, (n, n))
-        shared_post = ref_mhc._check_stream_coeff("mhc_post", "h_post", h_post, x, (n,))
+        shared_res = ref_mhc.check_stream_coeff("mhc_post", "H_res", h_res, x, (n, n))
+        shared_post = ref_mhc.check_stream_coeff("mhc_post", "h_post", h_post, x, (n,))
         x3 = _f32(x).reshape(-1, n, c_len)
         t_len = x3.shape[0]
         y2 = _f32(y).reshape(t_len, c_len)

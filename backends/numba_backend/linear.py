@@ -25,7 +25,7 @@ import numpy as np
 from numba import njit, prange
 
 from reference import ternary as ref
-from reference.autograd import Function
+from reference.autograd import Function, data_of
 
 from .nn import _f32_from_bits, _is_f32
 
@@ -210,12 +210,12 @@ class TernaryLinear(Function):
 
     @staticmethod
     def forward(ctx, x, w, group_size, keep=None):
-        ref._require_float("ternary_linear", "x", x)
-        ref._require_float("ternary_linear", "w", w)
+        ref.require_float("ternary_linear", "x", x)
+        ref.require_float("ternary_linear", "w", w)
         if w.ndim != 2:
             raise ValueError(f"ternary_linear: w must be 2-D [M, K], got shape {w.shape}")
         m, k = w.shape
-        ref._check_group_size("ternary_linear", k, group_size)
+        ref.check_group_size("ternary_linear", k, group_size)
         if x.ndim < 1 or x.shape[-1] != k:
             raise ValueError(f"ternary_linear: x has shape {x.shape} but w has shape {w.shape}; the last axis of x must be K = {k}")
         if x.dtype != w.dtype:
@@ -223,7 +223,7 @@ class TernaryLinear(Function):
         n = int(np.prod(x.shape[:-1], dtype=np.int64))
         x2 = np.ascontiguousarray(x).reshape(n, k)
         if keep is not None and not isinstance(keep, ref.RowSelection):
-            keep = ref._check_keep(ref._data(keep), n)
+            keep = ref.check_keep(data_of(keep), n)
         xq, sx = _quantize_acts(x2)
         wq, wd, s = _quantize_weights(np.ascontiguousarray(w), group_size)
         y = _grouped_forward(xq, sx, wq, s, group_size)

@@ -115,7 +115,7 @@ class MhcPre(Function):
 
     @staticmethod
     def forward(ctx, x, h_pre):
-        shared = ref._check_stream_coeff("mhc_pre", "h_pre", h_pre, x, (x.shape[-2],))
+        shared = ref.check_stream_coeff("mhc_pre", "h_pre", h_pre, x, (x.shape[-2],))
         x3 = _streams(x)
         t_len, n, c_len = x3.shape
         h = _rows(h_pre, (n,))
@@ -223,8 +223,8 @@ class MhcPost(Function):
         if x.ndim < 2 or y.shape != x.shape[:-2] + x.shape[-1:]:
             raise ValueError(f"mhc_post: X has shape {x.shape} and y {y.shape}, expected [..., n, C] and [..., C]")
         n = x.shape[-2]
-        shared_res = ref._check_stream_coeff("mhc_post", "H_res", h_res, x, (n, n))
-        shared_post = ref._check_stream_coeff("mhc_post", "h_post", h_post, x, (n,))
+        shared_res = ref.check_stream_coeff("mhc_post", "H_res", h_res, x, (n, n))
+        shared_post = ref.check_stream_coeff("mhc_post", "h_post", h_post, x, (n,))
         x3 = _streams(x)
         t_len, _, c_len = x3.shape
         y2 = np.ascontiguousarray(y).reshape(t_len, c_len)

@@ -297,7 +297,7 @@ class _GLU(Function):
 
     @classmethod
     def forward(cls, ctx, gate, up):
-        ref_nn._check_gate_up(cls.name, gate, up)
+        ref_nn.check_gate_up(cls.name, gate, up)
         g, u = _flat(gate), _flat(up)
         y = np.empty_like(g)
         cls.forward_kernel(g, u, y)
@@ -531,7 +531,7 @@ class Attention(Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal=True, scale=None):
-        ref_nn._check_attention_shapes(q, k, v, causal)
+        ref_nn.check_attention_shapes(q, k, v, causal)
         b, t, n_q, hd = q.shape
         s_len, n_kv, dv = k.shape[1], k.shape[2], v.shape[3]
         group = n_q // n_kv
@@ -631,7 +631,7 @@ class CrossEntropy(Function):
     @staticmethod
     def forward(ctx, logits, targets, weights=None, ignore_index=-100, reduction="mean"):
         targets = np.asarray(targets)
-        ref_nn._check_cross_entropy(logits, targets, weights, ignore_index, reduction)
+        ref_nn.check_cross_entropy(logits, targets, weights, ignore_index, reduction)
         if weights is not None:
             _check_same_dtype("cross_entropy", logits, weights)
         logits = np.ascontiguousarray(logits)
@@ -668,7 +668,7 @@ def cross_entropy_per_token(logits, targets, ignore_index=-100):
     if not _is_f32(logits):
         return ref_nn.cross_entropy_per_token(logits, targets, ignore_index=ignore_index)
     targets = np.asarray(_arr(targets))
-    ref_nn._check_cross_entropy(logits, targets, None, ignore_index, "none")
+    ref_nn.check_cross_entropy(logits, targets, None, ignore_index, "none")
     losses, _, _, _ = _per_token(logits, targets, ignore_index)
     return losses
 

@@ -36,7 +36,7 @@ def _tasks(rows, elements):
     return n_tasks(rows, elements, PARALLEL_MIN_ELEMENTS)
 
 
-def _require_float(op, name, a):
+def require_float(op, name, a):
     if not hasattr(a, "dtype") or a.dtype.kind != "f":
         raise ValueError(f"{op}: {name} must be a floating-point array, got dtype {getattr(a, 'dtype', type(a).__name__)}")
 
@@ -138,7 +138,7 @@ def quantize_weights(w, group_size):
     ``quantize_weights(w [M, K] float, group_size) -> (q int8 [M, K], s [M, K // G])``,
     ``s`` in ``w``'s dtype and float16-representable (see ``reference.ternary.quantize_weights``)."""
     w = _data(w)
-    _require_float("quantize_weights", "w", w)
+    require_float("quantize_weights", "w", w)
     if w.ndim != 2:
         raise ValueError(f"quantize_weights: w must be 2-D [M, K], got shape {w.shape}")
     m, k = w.shape
@@ -203,7 +203,7 @@ def quantize_acts(x):
     ``quantize_acts(x [..., K] float) -> (q int8 [..., K], s [...] in x's dtype)``
     (see ``reference.ternary.quantize_acts``)."""
     x = _data(x)
-    _require_float("quantize_acts", "x", x)
+    require_float("quantize_acts", "x", x)
     if x.ndim < 1:
         raise ValueError(f"quantize_acts: x must have at least one axis [..., K], got shape {x.shape}")
     if x.shape[-1] == 0 or x.size == 0:

@@ -33,7 +33,7 @@ import numpy as np
 from reference.autograd import no_grad
 from nanochat.infer.sampling import SamplingParams, apply_repetition_penalty, next_token_distribution, sample_next
 from nanochat.infer.text import Completion, GenerationStats, TextStream
-from nanochat.model.cache import MIN_CAPACITY, SNAPSHOT_EVERY, DeltaState
+from nanochat.model.cache import MIN_CAPACITY, SNAPSHOT_EVERY
 from nanochat.model.gpt import Model
 from nanochat.model.linear import PackedLinear
 from nanochat.model.params import inference_tensors

@@ -123,6 +123,13 @@ def build_optimizers(model, cfg: Config):
     return groups
 
 
+def _notify(callbacks, event, *args):
+    for cb in callbacks:
+        fn = getattr(cb, event, None)
+        if fn is not None:
+            fn(*args)
+
+
 def lr_multiplier(step, cfg: Config, schedule_steps=0):
     """Factor on every group's base rate at ``step``: warmup-stable-decay over ``schedule_steps``
     (``train.steps`` when 0; a resumed run may keep the schedule it was trained under)."""
@@ -399,8 +406,12 @@ class Trainer:
         return float(np.mean(losses)) if losses else float("nan")
 
     # ------------------------------------------------------------------ loop
-    def train(self, until=None):
+    def train(self, until=None, callbacks=()):
         """Train to ``cfg.train.steps`` (or stop after step ``until``; the schedule still spans the run).
+
+        ``callbacks``: objects with optional ``on_step(trainer, record, times)`` (after each applied
+        update) and ``on_eval(trainer, step, val_loss, seconds)`` methods; the E3 benchmark
+        measures through them instead of running a loop of its own.
 
         Returns paths and the validation history; ``interrupted`` is True after Ctrl-C, in which
         case a checkpoint of the last completed step was written. Raises ``TrainingError`` after
@@ -424,9 +435,11 @@ class Trainer:
             try:
                 loader = self._make_loader()
                 if self.state.step == 0 and not self.state.history:
+                    e0 = time.perf_counter()
                     v0 = self.evaluate()
                     logger.log({"kind": "val", "step": 0, "tokens": 0, "val_loss": v0})
                     self.state.history.append((0, v0))
+                    _notify(callbacks, "on_eval", self, 0, v0, time.perf_counter() - e0)
                 while self.state.step < stop:
                     rec = self.train_step(loader)
                     times = rec.pop("times")
@@ -447,6 +460,7 @@ class Trainer:
                         continue
                     window.add(times)
                     window_steps += 1
+                    _notify(callbacks, "on_step", self, rec, times)
                     bar.update(1)
                     bar.set_postfix(loss=f"{rec['ce']:.3f}", lr=f"{rec['lr']:.2e}",
                                     tok_s=f"{tokens_per_step / max(times.total, 1e-9):,.0f}")
@@ -465,7 +479,9 @@ class Trainer:
                         })
                         window, window_steps = StepTimes(), 0
                     if (t.eval_every and step % t.eval_every == 0) or step == t.steps:
+                        e0 = time.perf_counter()
                         v = self.evaluate()
+                        _notify(callbacks, "on_eval", self, step, v, time.perf_counter() - e0)
                         self.state.history.append((step, v))
                         logger.log({"kind": "val", "step": step, "tokens": self.state.tokens, "val_loss": v})
                         bar.write(f"step {step}: validation loss {v:.4f}")
