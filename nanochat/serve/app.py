@@ -92,7 +92,7 @@ class _Metered:
     """Pure ASGI middleware counting answered requests by route and status (a pure one, so
     streaming and disconnect detection are untouched)."""
 
-    KNOWN = {"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
+    KNOWN = {"/", "/favicon.ico", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"}
 
     def __init__(self, app, state):
         self.app, self.state = app, state
@@ -285,6 +285,10 @@ def create_app(model, *, model_id=None, api_key=None, max_batch=8, max_queue=64,
     @app.get("/", include_in_schema=False)
     async def index():
         return HTMLResponse(_page())
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return Response(status_code=204)
 
     @app.get("/health")
     async def health():
