@@ -12,8 +12,8 @@ from nanochat.config import load_config
 from nanochat.train.distributed import state_bytes_per_rank
 
 VARIANTS = {
-    "Muon + AdamW": [],
-    "8-bit Muon": ["optim.muon_8bit=true"],
+    "Muon + AdamW": ["optim.muon_8bit=false", "optim.galore=false"],
+    "8-bit Muon": ["optim.muon_8bit=true", "optim.galore=false"],
     "GaLore(Muon)": ["optim.galore=true"],
 }
 
