@@ -30,6 +30,9 @@ def build_parser():
     add_backend_argument(p)
     p.add_argument("--dequantized", action="store_true",
                    help="float32 matmuls with dequantized weights instead of the packed kernels")
+    p.add_argument("--speculative", type=non_negative_int, default=0, metavar="K",
+                   help="self-speculative decoding: the model's first K multi-token-prediction heads draft, "
+                        "one forward verifies (needs a model trained with mtp_n_tokens >= K; 0 = off)")
     return p
 
 
@@ -47,7 +50,8 @@ def main(argv=None):
         engine = Engine.from_path(args.model, args.backend, dequantized=args.dequantized)
         engine.require_tokenizer()
         options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                       repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop)
+                       repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
+                       speculative=args.speculative)
         if args.stream:
             pieces = engine.generate(args.prompt, args.max_tokens, **options)
             first = next(pieces, "")  # input errors surface before anything is printed

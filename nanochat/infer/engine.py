@@ -47,14 +47,24 @@ __all__ = ["Completion", "Engine", "GenerationStats", "SNAPSHOT_EVERY", "Samplin
            "sample_next"]
 
 
-def expected_tensors(cfg):
+def expected_tensors(cfg, mtp=False):
     """``(floats, ternary)``: parameter name -> shape of every tensor the engine needs (from the
-    parameter table; the MTP heads are training-only and absent)."""
-    return inference_tensors(cfg)
+    parameter table; the MTP heads only with ``mtp``: they serve speculative decoding)."""
+    return inference_tensors(cfg, mtp=mtp)
 
 
-def _check_loaded(loaded, cfg):
-    floats, ternary = expected_tensors(cfg)
+def has_mtp_heads(loaded, cfg):
+    """True when ``loaded`` carries every MTP head of ``cfg`` (a checkpoint does; a GGUF file
+    does unless it was written for llama.cpp's layout)."""
+    if not cfg.mtp_n_tokens:
+        return False
+    floats, ternary = inference_tensors(cfg, mtp=True)
+    return all(n in loaded.floats for n in floats if n.startswith("mtp.")) and \
+        all(n in loaded.ternary for n in ternary if n.startswith("mtp."))
+
+
+def _check_loaded(loaded, cfg, mtp=False):
+    floats, ternary = expected_tensors(cfg, mtp=mtp)
     src = getattr(loaded, "source", "the model")
     for name, shape in floats.items():
         a = loaded.floats.get(name)
@@ -144,13 +154,14 @@ class Engine:
         from backends import get_backend
 
         cfg = getattr(loaded.config, "model", loaded.config)
-        _check_loaded(loaded, cfg)
+        self.mtp_heads = cfg.mtp_n_tokens if has_mtp_heads(loaded, cfg) else 0  # drafters for speculative decoding
+        _check_loaded(loaded, cfg, mtp=bool(self.mtp_heads))
         self.cfg = cfg
         self.be = get_backend(backend)
         self.xp = self.be.xp
         self.dequantized = bool(dequantized)
         self.source = getattr(loaded, "source", "")
-        floats, ternary = expected_tensors(cfg)
+        floats, ternary = expected_tensors(cfg, mtp=bool(self.mtp_heads))
         self.model = Model.from_weights(cfg, self.be, {name: loaded.floats[name] for name in floats})
         self.linear = PackedLinear(self.be, {name: loaded.ternary[name] for name in ternary}, cfg.group_size,
                                    dequantized=self.dequantized)
@@ -175,13 +186,13 @@ class Engine:
         """An empty sequence with its own cache (many may be decoded together)."""
         return Sequence(self.model.new_cache(self.max_len, record=record))
 
-    def prefill(self, seq: Sequence, token_ids, all_logits=False):
+    def prefill(self, seq: Sequence, token_ids, all_logits=False, hidden=None):
         """Append tokens to ``seq`` (chunked); returns the last token's logits ``float32 [V]``
-        (or all of them ``[T, V]`` with ``all_logits``)."""
+        (or all of them ``[T, V]`` with ``all_logits``). ``hidden``: see ``_forward``."""
         ids = self._check_ids(np.asarray(token_ids, dtype=np.int64).reshape(-1))
         if ids.size == 0:
             raise ValueError("prefill: no tokens given.")
-        logits = self._forward(ids[None, :], [seq.cache], all_logits)
+        logits = self._forward(ids[None, :], [seq.cache], all_logits, hidden)
         seq.tokens.extend(int(i) for i in ids)
         return logits[0] if all_logits else logits[0, -1]
 
@@ -195,6 +206,10 @@ class Engine:
         for s, i in zip(seqs, ids):
             s.tokens.append(int(i))
         return logits
+
+    def _verify(self, seq: Sequence, token_ids, hidden):
+        """Speculative verification: append ``token_ids`` and return all their logits ``[T, V]``."""
+        return self.prefill(seq, token_ids, all_logits=True, hidden=hidden)
 
     def rewind_sequence(self, seq: Sequence, n_tokens):
         """Drop the last ``n_tokens`` tokens of ``seq`` (KV entries and DeltaNet state)."""
@@ -262,9 +277,11 @@ class Engine:
         per_token = 8 * self.cfg.n_heads * max(int(end_position), 1)
         return int(max(1, min(MAX_PREFILL_CHUNK, PREFILL_SCORE_BYTES // per_token)))
 
-    def _forward(self, idx, caches, all_logits):
+    def _forward(self, idx, caches, all_logits, hidden=None):
         """Logits of ``idx [B, T]`` continuing ``caches`` (advanced by T): ``[B, T, V]`` numpy, or
-        ``[B, 1, V]`` (the last position) without ``all_logits``. Long inputs run in chunks."""
+        ``[B, 1, V]`` (the last position) without ``all_logits``. Long inputs run in chunks.
+        ``hidden``: a list that receives the hidden states ``[B, n, C]`` (backend arrays) of
+        every chunk (speculative decoding drafts from them)."""
         b, t = idx.shape
         out, start = [], 0
         with no_grad():
@@ -274,11 +291,13 @@ class Engine:
                 o = self.model.forward(idx[:, start:start + n], caches, linear=self.linear, last_only=not all_logits)
                 if all_logits or last:
                     out.append(self.be.to_numpy(o.logits))
+                if hidden is not None:
+                    hidden.append(o.hidden)
                 start += n
         return out[0] if len(out) == 1 else np.concatenate(out, axis=1)
 
     # -------------------------------------------------------------------- generation
-    def _prime(self, prompt_ids):
+    def _prime(self, prompt_ids, hidden=None):
         """Bring the cache to exactly ``prompt_ids`` (reusing a common prefix); returns the
         last prompt token's logits and how many tokens were reused."""
         keep = 0
@@ -288,14 +307,30 @@ class Engine:
             keep += 1
         keep = min(keep, len(prompt_ids) - 1)  # the last prompt token is always run for its logits
         self.rewind(self.position - keep)
-        return self.prefill(self._seq, prompt_ids[keep:]), keep
+        return self.prefill(self._seq, prompt_ids[keep:], hidden=hidden), keep
 
-    def generate_ids(self, prompt_ids, max_new_tokens=128, params=SamplingParams(), stop_ids=(), vocab_limit=None):
+    def generate_ids(self, prompt_ids, max_new_tokens=128, params=SamplingParams(), stop_ids=(), vocab_limit=None,
+                     speculative=0):
         """Yield sampled token ids after ``prompt_ids`` (a generator; stats in ``last_stats``).
 
         Stops after ``max_new_tokens`` or at a token in ``stop_ids`` (not yielded). Ids at or
         past ``vocab_limit`` (a tokenizer smaller than the model's vocabulary) are never sampled.
+        ``speculative = k > 0``: self-speculative decoding with the first k MTP heads as drafters
+        (``nanochat.infer.speculative``; same output distribution, greedy output the same tokens).
         """
+        if speculative:
+            if isinstance(speculative, bool) or not isinstance(speculative, (int, np.integer)) or speculative < 0:
+                raise ValueError(f"speculative must be an integer >= 0, got {speculative!r}.")
+            if not self.mtp_heads:
+                raise ValueError(f"{self.source or 'the model'} has no multi-token-prediction heads "
+                                 f"(mtp_n_tokens = {self.cfg.mtp_n_tokens} or none stored), so it cannot draft "
+                                 f"for speculative decoding.")
+            if speculative > self.mtp_heads:
+                raise ValueError(f"speculative = {speculative} asks for more drafts than the model's "
+                                 f"{self.mtp_heads} MTP heads.")
+            yield from self._generate_speculative(prompt_ids, max_new_tokens, params, stop_ids, vocab_limit,
+                                                  int(speculative))
+            return
         prompt_ids = [int(i) for i in prompt_ids]
         if not prompt_ids:
             raise ValueError("the prompt is empty; give at least one token.")
@@ -334,13 +369,56 @@ class Engine:
         finally:
             stats.decode_seconds = busy
 
+    def _generate_speculative(self, prompt_ids, max_new_tokens, params, stop_ids, vocab_limit, k):
+        from nanochat.infer.speculative import speculative_ids
+
+        prompt_ids = [int(i) for i in prompt_ids]
+        if not prompt_ids:
+            raise ValueError("the prompt is empty; give at least one token.")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}.")
+        self._check_ids(np.asarray(prompt_ids))
+        stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt_ids), finish_reason="length")
+        self.last_token_ids = generated = []
+        rng = np.random.default_rng(params.seed)
+        stop_ids = {int(s) for s in stop_ids}
+        t0 = time.perf_counter()
+        hidden = []
+        logits, stats.reused_tokens = self._prime(prompt_ids, hidden)
+        if vocab_limit is not None and vocab_limit < logits.size:
+            logits = logits.copy()
+            logits[vocab_limit:] = -np.inf
+        history = list(prompt_ids)
+        first = sample_next(logits, history, params, rng)
+        stats.prefill_seconds = time.perf_counter() - t0
+        if max_new_tokens == 0:
+            return
+        tokens = speculative_ids(self, self._seq, first, hidden[-1][0, -1], history, params, rng, k, vocab_limit, stats)
+        busy, tick = 0.0, time.perf_counter()
+        try:
+            for token in tokens:
+                busy += time.perf_counter() - tick
+                if token in stop_ids:
+                    stats.finish_reason = "stop_token"
+                    break
+                generated.append(token)
+                stats.new_tokens += 1
+                stats.decode_seconds = busy
+                yield token
+                if stats.new_tokens >= max_new_tokens:
+                    break
+                tick = time.perf_counter()
+        finally:
+            tokens.close()
+            stats.decode_seconds = busy
+
     def require_tokenizer(self):
         if self.tokenizer is None:
             raise ValueError(f"{self.source or 'the model'} has no tokenizer, so text prompts cannot be encoded.")
         return self.tokenizer
 
     def generate(self, prompt, max_new_tokens=128, *, temperature=0.8, top_k=0, top_p=1.0,
-                 repetition_penalty=1.0, seed=None, stop=(), stop_at_eot=True) -> Iterator[str]:
+                 repetition_penalty=1.0, seed=None, stop=(), stop_at_eot=True, speculative=0) -> Iterator[str]:
         """Stream the continuation of ``prompt`` (text, or a list of token ids) as text pieces.
 
         Multi-byte characters split across tokens are emitted whole; stop strings end the
@@ -357,7 +435,8 @@ class Engine:
         else:
             ids = list(prompt)
         stop_ids = [tok.eot_id] if stop_at_eot else []
-        tokens = self.generate_ids(ids, max_new_tokens, params, stop_ids, vocab_limit=tok.vocab_size)
+        tokens = self.generate_ids(ids, max_new_tokens, params, stop_ids, vocab_limit=tok.vocab_size,
+                                   speculative=speculative)
         try:
             for token in tokens:
                 piece = stream.push(token)

@@ -81,6 +81,12 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     finish_reason: str = ""  # "length", "stop_token", "stop_string"
+    drafted: int = 0    # speculative decoding: tokens the MTP heads proposed
+    accepted: int = 0   # ... and how many of them the model accepted
+
+    @property
+    def acceptance_rate(self):
+        return self.accepted / self.drafted if self.drafted else float("nan")
 
     @property
     def prefill_tokens_per_sec(self):
@@ -95,7 +101,9 @@ class GenerationStats:
         return (f"{self.new_tokens} tokens in {self.decode_seconds:.2f} s ({self.decode_tokens_per_sec:.1f} tokens/s); "
                 f"prompt {self.prompt_tokens} tokens in {self.prefill_seconds:.2f} s "
                 f"({self.prefill_tokens_per_sec:.1f} tokens/s, {self.reused_tokens} reused from the cache); "
-                f"finished by {self.finish_reason or 'length'}")
+                f"finished by {self.finish_reason or 'length'}"
+                + (f"; speculative: {self.accepted}/{self.drafted} drafts accepted ({self.acceptance_rate:.0%})"
+                   if self.drafted else ""))
 
 
 @dataclass

@@ -397,12 +397,22 @@ class Model:
             return h2 @ w.T
         return self.be.dense_linear(h2, w, keep=keep)
 
-    def mtp_hidden(self, h, i, keep=None):
-        """MTP head ``i`` on the hidden state: z = h + proj_i(rmsnorm_i(h)), then the final norm."""
-        be, c, P = self.be, self.cfg, self.params
-        lin = TrainingLinear(be, P, c.group_size, keep)
-        z = h + lin(be.rmsnorm(h, P[f"mtp.{i}.norm"], eps=c.norm_eps), f"mtp.{i}.proj")[0]
-        return be.rmsnorm(z, P["norm"], eps=c.norm_eps)
+    def mtp_hidden(self, h, i, keep=None, linear=None):
+        """MTP head ``i`` on the hidden state: z = h + proj_i(rmsnorm_i(h)), then the final norm.
+
+        With a ``linear`` strategy (inference: the engine's packed one) it runs on plain arrays."""
+        c, P = self.cfg, self.params
+        F = self.be if linear is None else self.array_ops
+        lin = linear or TrainingLinear(self.be, P, c.group_size, keep)
+        z = h + lin(F.rmsnorm(h, P[f"mtp.{i}.norm"], eps=c.norm_eps), f"mtp.{i}.proj")[0]
+        return F.rmsnorm(z, P["norm"], eps=c.norm_eps)
+
+    def draft_logits(self, h, n_heads, linear):
+        """Inference: the first ``n_heads`` MTP heads on one hidden row ``h [C]`` -> logits
+        ``[n_heads, V]``; row i guesses the token i + 2 positions after ``h``'s (speculative drafts)."""
+        rows = [self.mtp_hidden(h[None, :], i, linear=linear) for i in range(n_heads)]
+        w = self.params["tok_embeddings" if self.cfg.tie_embeddings else "lm_head"]
+        return self.be.xp.concatenate(rows) @ w.T
 
     def logits(self, idx):
         """Full-sequence logits [B, T, V] of the training forward (no loss)."""

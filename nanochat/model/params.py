@@ -221,12 +221,13 @@ def count_parameters(cfg) -> dict[str, int]:
     return count
 
 
-def inference_tensors(cfg):
-    """``(floats, ternary)``: name -> shape of every tensor inference needs (the MTP heads are
-    training-only and absent); ternary shapes are the ``[M, K]`` shadow shapes."""
+def inference_tensors(cfg, mtp=False):
+    """``(floats, ternary)``: name -> shape of every tensor inference needs; ternary shapes are
+    the ``[M, K]`` shadow shapes. The MTP heads are left out unless ``mtp`` (they only serve
+    speculative decoding)."""
     floats, ternary = {}, {}
     for spec in parameter_table(cfg):
-        if spec.component == "mtp":
+        if spec.component == "mtp" and not mtp:
             continue
         (ternary if spec.ternary else floats)[spec.name] = spec.shape
     return floats, ternary
