@@ -58,6 +58,7 @@ def test_launcher_detection():
     assert not distributed.launched_by_mpi({})
     assert distributed.launched_by_mpi({"PMI_SIZE": "2", "PMI_RANK": "0"})
     assert distributed.launched_by_mpi({"OMPI_COMM_WORLD_SIZE": "4"})
+    assert not distributed.launched_by_mpi({"PMI_SIZE": "1"})  # one rank: no MPI needed at all
     assert not distributed.launched_by_mpi({"PMI_SIZE": "2", "NANOCHAT_NO_MPI": "1"})
     assert isinstance(distributed.communicator(), distributed.SingleProcess)
 

@@ -134,6 +134,7 @@ def test_resume_bit_exact_same_world_and_across_world_sizes(tmp_path):
     base = TINY + F64
     straight = run_ranks(2, tmp_path, "straight", overrides=base + ["train.batch_size=2"], steps=6)
     first = run_ranks(2, tmp_path, "first", overrides=base + ["train.batch_size=2"], steps=3, save=True)
+    assert_replicas_identical(first)
     ck = str(tmp_path / "first" / "checkpoints" / "step-000003")
     assert (Path(ck) / "optimizer.safetensors").exists()
     again = run_ranks(2, tmp_path, "again", overrides=base + ["train.batch_size=2"], steps=3, resume=ck)
@@ -142,6 +143,7 @@ def test_resume_bit_exact_same_world_and_across_world_sizes(tmp_path):
         assert np.array_equal(w, again["weights"][name]), f"{name}: resume at the same world size is not bit-exact"
     # 2 -> 1 -> 2: the 1-rank run restores the gathered state in full, the 2-rank run shards it again.
     single = run_ranks(1, tmp_path, "single", overrides=base + ["train.batch_size=4"], steps=2, resume=ck, save=True)
+    assert single["final_step"] == 5
     ck2 = str(tmp_path / "single" / "checkpoints" / "step-000005")
     back = run_ranks(2, tmp_path, "back", overrides=base + ["train.batch_size=2"], steps=1, resume=ck2)
     assert back["final_step"] == 6

@@ -5,20 +5,20 @@ the weights, reads its own disjoint rows of every global batch (``nanochat.data.
 ``shard``), and runs forward and backward on them. Then, once per optimizer step (after the
 last micro-batch when ``grad_accum > 1``):
 
-1. **Gradients** are copied into one flat buffer laid out *by owner* (every parameter belongs to
-   exactly one rank, see ``assign_owners``) and split into buckets of at most ``bucket_bytes``
-   that never straddle two owners. Each bucket is summed onto its owner with a nonblocking
-   ``Ireduce`` (together the buckets form a reduce-scatter: every rank receives the summed
-   gradient of exactly the parameters it updates, ZeRO-2). Buckets are started as they are
-   filled, last parameters first, so the reduction of one overlaps the copy of the next.
+1. **Gradients** are copied into one flat buffer (model order) split into buckets of at most
+   ``bucket_bytes`` that never span two owners (``plan_ownership``: every parameter, or row block
+   of a large AdamW/Lion tensor, belongs to exactly one rank). Each bucket is summed onto its
+   owner with a nonblocking ``Ireduce`` (together the buckets form a reduce-scatter: every rank
+   receives the summed gradient of exactly what it updates, ZeRO-2). Buckets are filled from
+   the last parameter backwards and each reduction starts as soon as its bucket is filled.
 2. **Loss numbers, "had a gradient" flags** travel in one small ``Allgather`` of float64
    values, summed in rank order, so every rank computes the same numbers bit for bit.
 3. **Clipping**: each rank sums the squares of its own gradient shard in float64; the N
    partial sums are all-gathered and added in rank order, so the global norm (and the clip
    factor) is the same on every rank.
-4. **Optimizer**: each rank steps only the parameters it owns (the others' ``.grad`` is
-   ``None``, which every optimizer skips), so it keeps optimizer state only for them (ZeRO-1):
-   Muon matrices whole, AdamW/Lion tensors whole, balanced by state bytes.
+4. **Optimizer**: each rank steps only what it owns (the others' ``.grad`` is ``None``, which
+   every optimizer skips; a row block is stepped through a ``RowShard``), so it keeps optimizer
+   state only for that (ZeRO-1): Muon/GaLore matrices whole, AdamW/Lion tensors whole or by rows.
 5. **Parameters**: the weights live in one flat buffer too (each parameter's ``.data`` is a
    view into it); the owner of every bucket broadcasts its updated values (``Ibcast``), so all
    replicas are bitwise identical after every step.
@@ -38,23 +38,24 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
 
 import numpy as np
 
 DEFAULT_BUCKET_BYTES = 4 << 20  # 4 MiB: large enough for bandwidth, small enough to pipeline
-MPI_ENV_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS", "SLURM_PMIX_MAPPING_SERV")
+SIZE_ENV_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 def launched_by_mpi(environ=None):
-    """Whether this process was started by an MPI launcher (mpiexec/mpirun/srun with PMI)."""
+    """Whether an MPI launcher (mpiexec/mpirun, MPICH's Hydra, Open MPI, MVAPICH) started this
+    process as one of more than one rank. ``NANOCHAT_NO_MPI=1`` says no."""
     env = os.environ if environ is None else environ
     if env.get("NANOCHAT_NO_MPI"):
         return False
-    size = env.get("PMI_SIZE") or env.get("OMPI_COMM_WORLD_SIZE")
-    if size is not None:
-        return True
-    return any(k in env for k in MPI_ENV_VARS)
+    for key in SIZE_ENV_VARS:
+        value = env.get(key, "")
+        if value.strip().isdigit():
+            return int(value) > 1
+    return False
 
 
 # ----------------------------------------------------------------------------- communicators
@@ -196,11 +197,6 @@ def for_backend(comm, backend_name):
 
         return NCCLCommunicator(comm)
     return comm
-
-
-def device_for_rank(comm, n_devices):
-    """The GPU a rank uses on its host: local rank modulo the local device count."""
-    return comm.local_rank % max(int(n_devices), 1)
 
 
 # ----------------------------------------------------------------------------- ownership
@@ -664,21 +660,6 @@ class NullLogger:
 def one_line(exc):
     text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, (RuntimeError, ValueError, OSError)) else str(exc)
     return " ".join(text.split())
-
-
-@contextmanager
-def fail_together(comm):
-    """With more than one rank, an exception on any rank prints one ``error: rank r of N: ...``
-    line and aborts every rank (``MPI_Abort``), so no rank waits forever in a collective."""
-    try:
-        yield
-    except SystemExit:
-        raise
-    except BaseException as exc:
-        if comm.size > 1:
-            print(f"error: rank {comm.rank} of {comm.size}: {one_line(exc)}", file=sys.stderr, flush=True)
-            comm.abort(1)
-        raise
 
 
 def install_excepthook(comm):
