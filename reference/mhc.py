@@ -55,7 +55,7 @@ Parameters of one sub-layer (``mhc_init_params``; all train with AdamW, SPEC sec
     dyn_weight    [5, 2C]        [32, 4C]      dynamic
     dyn_gate      [1]            [1]           dynamic
 
-The static names and order are those of an ``.mhc`` record (``reference.mhc_io``).
+The static names and order are those of an ``.mhc`` record (``nanochat.io.mhc``).
 
 Initialisation breaks stream symmetry. ``mhc_expand`` copies the embedding into every stream,
 so if every sub-layer also read and wrote all streams alike, the streams would stay identical

@@ -31,7 +31,7 @@ from nanochat.io.gguf import (
 from nanochat.model.gpt import Model
 from nanochat.train.losses import compute_loss
 from reference.mhc import STATIC_PARAM_NAMES
-from reference.mhc_io import read_mhc
+from nanochat.io.mhc import read_mhc
 from reference.ternary import dequantize_weights, pack_ternary, quantize_weights, unpack_ternary
 
 pytestmark = pytest.mark.engine

@@ -25,7 +25,7 @@ def seeds(tmp_path_factory):
     from nanochat.data.tokenizer import Tokenizer
     from nanochat.io.checkpoint import rng_state_to_json, save_checkpoint
     from nanochat.io.gguf import parameter_specs, write_gguf
-    from reference.mhc_io import write_mhc
+    from nanochat.io.mhc import write_mhc
 
     root = tmp_path_factory.mktemp("seeds")
     cfg = load_config(None, ["model.dim=64", "model.n_heads=2", "model.n_kv_heads=2", "model.ffn_hidden=128",
@@ -68,7 +68,7 @@ def test_fuzz_gguf(seeds, tmp_path, data):
 @FUZZ
 @given(data=st.data())
 def test_fuzz_mhc(seeds, tmp_path, data):
-    from reference.mhc_io import read_mhc
+    from nanochat.io.mhc import read_mhc
 
     raw = mutate(seeds["mhc"], data.draw, st)
     path = tmp_path / "f.mhc"

@@ -146,7 +146,7 @@ def fifo(tmp_path):
 def test_readers_refuse_fifos_without_blocking(reader, fifo, tmp_path):
     code = {
         "gguf": "from nanochat.io.gguf import read_gguf as r",
-        "mhc": "from reference.mhc_io import read_mhc as r",
+        "mhc": "from nanochat.io.mhc import read_mhc as r",
         "tokenizer": "from nanochat.data.tokenizer import Tokenizer; r = Tokenizer.load",
         "config": "from nanochat.config import load_config as r",
     }[reader]
@@ -161,7 +161,7 @@ def test_readers_refuse_fifos_without_blocking(reader, fifo, tmp_path):
 
 @pytest.mark.parametrize("make", ["missing", "directory"])
 def test_read_mhc_raises_one_value_error(tmp_path, make):
-    from reference.mhc_io import read_mhc
+    from nanochat.io.mhc import read_mhc
 
     path = tmp_path / "x.mhc"
     if make == "directory":

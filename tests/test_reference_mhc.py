@@ -9,7 +9,8 @@ from hypothesis import given, strategies as st
 from hypothesis.extra import numpy as hnp
 
 import reference
-from reference import Function, Tensor, gradcheck, mhc, mhc_io
+from reference import Function, Tensor, gradcheck, mhc
+from nanochat.io import mhc as mhc_io
 from reference.mhc import (
     DYNAMIC_PARAM_NAMES,
     STATIC_PARAM_NAMES,

@@ -38,7 +38,7 @@ def sidecar_path(out: Path, mhc_arg: str | None, no_mhc: bool, model_cfg) -> Pat
 
 def export(checkpoint, out, arch=ARCH, mhc=None, no_mhc=False, float_type="f32", name=None):
     """Export ``checkpoint`` to ``out`` (and the sidecar); returns ``(WriteSummary, mhc path or None, records)``."""
-    from reference.mhc_io import write_mhc
+    from nanochat.io.mhc import write_mhc
 
     out = Path(out)
     if out.is_dir():

@@ -29,6 +29,8 @@ import struct
 
 import numpy as np
 
+from nanochat.io.atomic import atomic_write_bytes, open_regular
+
 MAGIC = 0x6D484321
 WRITE_VERSION = 2
 READ_VERSIONS = (1, 2)
@@ -56,7 +58,7 @@ def write_mhc(path, records, n_streams):
     for i, record in enumerate(records):
         table[i] = _flatten_record(path, i, record, n_streams)
     payload = HEADER.pack(MAGIC, WRITE_VERSION, len(records), n_streams) + table.tobytes()
-    _atomic_write(path, payload)
+    atomic_write_bytes(path, payload)
 
 
 def _flatten_record(path, index, record, n_streams):
@@ -86,19 +88,11 @@ def _to_host(value):
     return np.asarray(value.get() if hasattr(value, "get") and not isinstance(value, np.ndarray) else value)
 
 
-def _atomic_write(path, payload):
-    from nanochat.io.atomic import atomic_write_bytes  # the one atomic writer (umask mode, target named in errors)
-
-    atomic_write_bytes(path, payload)
-
-
 def read_mhc(path):
     """Read an ``.mhc`` file -> ``(n_streams, [record dict per sub-layer])`` with float32 arrays.
 
     Every problem is one ``ValueError``: a missing path, a directory, a FIFO or device (checked
     without blocking), a damaged header or body."""
-    from nanochat.io.atomic import open_regular
-
     with open_regular(path, ".mhc file") as f:
         file_size = os.fstat(f.fileno()).st_size
         head = f.read(HEADER.size)
