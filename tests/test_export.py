@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 
 import backends
 from nanochat.io import gguf as gguf_io
+from nanochat.io import gguf_read
+from nanochat.io.gguf_read import read_gguf
 from nanochat.io.checkpoint import save_checkpoint
 from nanochat.config import Config
 from nanochat.cli.export import main as export_main
@@ -22,7 +24,6 @@ from nanochat.io.gguf import (
     loaded_from_checkpoint,
     parameter_specs,
     quantize_params,
-    read_gguf,
     ternary_param_names,
     tq2_0_from_packed,
     write_gguf,
@@ -397,13 +398,13 @@ def header_length(data: bytes) -> int:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "m.gguf"
         path.write_bytes(data)
-        return gguf_io._scan(str(path)).data_offset
+        return gguf_read._scan(str(path)).data_offset
 
 
 def rewrite(src, dst, kv=None, drop_kv=(), tensors=None, drop_tensors=(), add_tensors=None):
     """Copy a GGUF file with metadata and tensors replaced: ``kv = {key: (GGUFValueType, value, subtype)}``,
     ``tensors = {name: (array, raw GGML type or None)}``, ``add_tensors = {name: array}``."""
-    header = gguf_io._scan(str(src))
+    header = gguf_read._scan(str(src))
     reader = gguf.GGUFReader(src)
     arch = (kv or {}).get("general.architecture", (None, header.kv["general.architecture"].value))[1]
     writer = gguf_io._writer_class()(dst, arch)
@@ -512,7 +513,7 @@ def test_non_finite_values(valid_path, tmp_path):
     rewrite(valid_path, out, tensors={"norm": (norm, None)})
     reject(out, "'norm'", "non-finite", "[3]")
     # A TQ2_0 block scale set to +inf (fp16 0x7C00) in place.
-    header = gguf_io._scan(str(valid_path))
+    header = gguf_read._scan(str(valid_path))
     info = header.tensors["layers.0.ffn.w_up"]
     data = bytearray(valid_path.read_bytes())
     data[info.offset + 64:info.offset + 66] = np.array([np.inf], np.float16).tobytes()
@@ -521,7 +522,7 @@ def test_non_finite_values(valid_path, tmp_path):
 
 
 def test_tq2_0_code_3_is_not_ternary(valid_path, tmp_path):
-    header = gguf_io._scan(str(valid_path))
+    header = gguf_read._scan(str(valid_path))
     info = header.tensors["layers.1.attn.wk"]
     data = bytearray(valid_path.read_bytes())
     data[info.offset + 66 + 5] = 0xFF  # block 1: four codes of 3

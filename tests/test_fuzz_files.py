@@ -57,7 +57,7 @@ def _header_size(data: bytes) -> int:
 @FUZZ
 @given(data=st.data())
 def test_fuzz_gguf(seeds, tmp_path, data):
-    from nanochat.io.gguf import read_gguf
+    from nanochat.io.gguf_read import read_gguf
 
     raw = mutate(seeds["gguf"], data.draw, st, region=_header_size(seeds["gguf"]))
     path = tmp_path / "f.gguf"

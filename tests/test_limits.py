@@ -145,7 +145,7 @@ def fifo(tmp_path):
 @pytest.mark.parametrize("reader", ["gguf", "mhc", "tokenizer", "config"])
 def test_readers_refuse_fifos_without_blocking(reader, fifo, tmp_path):
     code = {
-        "gguf": "from nanochat.io.gguf import read_gguf as r",
+        "gguf": "from nanochat.io.gguf_read import read_gguf as r",
         "mhc": "from nanochat.io.mhc import read_mhc as r",
         "tokenizer": "from nanochat.data.tokenizer import Tokenizer; r = Tokenizer.load",
         "config": "from nanochat.config import load_config as r",

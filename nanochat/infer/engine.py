@@ -98,7 +98,9 @@ def load_model(path):
     if p.is_dir():
         return gguf_io.loaded_from_checkpoint(p)
     if p.is_file():
-        return gguf_io.read_gguf(p)
+        from nanochat.io.gguf_read import read_gguf
+
+        return read_gguf(p)
     if p.exists():
         raise ValueError(f"model path {p} is not a regular file or a directory (give a .gguf file or a checkpoint directory).")
     raise ValueError(f"model path {p} does not exist (give a .gguf file or a checkpoint directory).")
