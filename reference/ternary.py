@@ -443,6 +443,34 @@ def packed_gemm(handle, xq, xs):
     return (xs.astype(np.float64)[:, None] * acc).astype(np.float32)
 
 
+def check_int8_linear(xq, xs, wq, ws):
+    """The argument checks of every backend's ``int8_linear``."""
+    for name, a in (("xq", xq), ("wq", wq)):
+        _require_int8("int8_linear", name, a)
+        if a.ndim != 2:
+            raise ValueError(f"int8_linear: {name} must be 2-D, got shape {a.shape}")
+    if xq.shape[1] != wq.shape[1]:
+        raise ValueError(f"int8_linear: xq {xq.shape} and wq {wq.shape} differ in K")
+    if xs.shape != (xq.shape[0],) or ws.shape != (wq.shape[0],):
+        raise ValueError(f"int8_linear: scales must be xs [{xq.shape[0]}] and ws [{wq.shape[0]}], "
+                         f"got {xs.shape} and {ws.shape}")
+
+
+def int8_linear(xq, xs, wq, ws):
+    """``int8_linear(xq int8 [N, K], xs [N], wq int8 [M, K], ws [M]) -> float32 [N, M]``.
+
+    Both operands are absmax int8 rows (``quantize_acts``): the exact int32 dot product of each
+    pair of rows, times ``ws[m]`` then ``xs[n]`` in float64, rounded to float32. The engine's
+    optional int8 LM head (a quarter of the float32 head's bytes per token).
+    """
+    xq, xs, wq, ws = (_data(a) for a in (xq, xs, wq, ws))
+    check_int8_linear(xq, xs, wq, ws)
+    xp = array_module(xq, wq)
+    isum = xq.astype(np.int64) @ wq.astype(np.int64).T
+    y = (isum.astype(np.float64) * ws.astype(np.float64)[None, :]) * xs.astype(np.float64)[:, None]
+    return y.astype(np.float32) if xp is np else xp.asarray(y, dtype=np.float32)
+
+
 OPS = {
     "round_half_away": round_half_away,
     "quantize_weights": quantize_weights,
@@ -455,4 +483,5 @@ OPS = {
     "prepare_packed": prepare_packed,
     "packed_gemv": packed_gemv,
     "packed_gemm": packed_gemm,
+    "int8_linear": int8_linear,
 }

@@ -455,3 +455,18 @@ def test_eval_cli_bad_input_is_one_line_and_exit_2(trained_checkpoint, tmp_path,
         assert eval_mod.main(argv + ["--backend", "numpy"]) == 2
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("config_name", ["gqa_subln", "mha_relu2_untied_no_subln", "deltanet"])
+def test_int8_head_stays_within_its_documented_tolerance(config_name):
+    """The int8 LM head (int8 weights per vocabulary row, int8 activations per token, exact int32
+    sums) changes logits by a bounded relative error; decode and prefill agree with each other."""
+    cfg, model, exact = built(config_name, "numba")
+    int8 = Engine(loaded_from_model(model, cfg), "numba", head="int8")
+    idx = token_ids((2, 12), seed=4)
+    want, got = exact.logits(idx), int8.logits(idx)
+    assert rel(got, want) < 2e-2  # docs/engine.md: about 1% on these models
+    ids = idx[0]
+    assert rel(np.stack([int8.step(int(t)) for t in ids]), got[0]) < 1e-5
+    with pytest.raises(ValueError, match="head must be one of"):
+        Engine(loaded_from_model(model, cfg), "numba", head="int4")

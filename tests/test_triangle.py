@@ -308,6 +308,22 @@ def _check_packed(be, rng):
             assert_close(got, want, f"{be.name}.packed_gemv {(m, k, g)} row {row}")
 
 
+@check("int8_linear")
+def _check_int8_linear(be, rng):
+    # Exact integer sums: the result must equal the reference's bit for bit (extreme codes
+    # included: -128 rows, +127 rows, zero scales, K = 1, empty N).
+    for n, m, k in [(1, 1, 1), (5, 37, 64), (3, 300, 768), (0, 4, 8), (2, 9, 1000)]:
+        xq = _extreme_acts(rng, n, k) if n else np.zeros((0, k), np.int8)
+        wq = _extreme_acts(rng, m, k)
+        xs = rng.uniform(0.001, 0.1, n).astype(np.float32)
+        ws = rng.uniform(0.001, 0.1, m).astype(np.float32)
+        if n > 1:
+            xs[1] = 0.0
+        got = be.to_numpy(be.int8_linear(be.asarray(xq), be.asarray(xs), be.asarray(wq), be.asarray(ws)))
+        assert got.dtype == np.float32 and got.shape == (n, m)
+        assert_exact(got, reference.OPS["int8_linear"](xq, xs, wq, ws), f"{be.name}.int8_linear {(n, m, k)}")
+
+
 # --- nn ops -----------------------------------------------------------------------------------
 
 

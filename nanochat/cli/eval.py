@@ -123,6 +123,7 @@ def build_parser():
     p.add_argument("--seq-len", type=non_negative_int, default=0, help="window length; 0 = the model's seq_len")
     add_backend_argument(p)
     p.add_argument("--dequantized", action="store_true", help="float32 matmuls instead of the packed kernels")
+    p.add_argument("--head", choices=("float32", "int8"), default="float32", help="LM head (float32 exact, or int8)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return p
 
@@ -136,7 +137,7 @@ def main(argv=None):
             raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
         check_model_path(args.model)
         loaded = load_model(args.model)
-        engine = Engine(loaded, args.backend, dequantized=args.dequantized)
+        engine = Engine(loaded, args.backend, dequantized=args.dequantized, head=args.head)
         cfg = engine.cfg
         data_cfg = getattr(loaded.config, "data", None)
         data_path = args.data or (data_cfg.path if data_cfg is not None and data_cfg.path else None)

@@ -30,6 +30,8 @@ def build_parser():
     add_backend_argument(p)
     p.add_argument("--dequantized", action="store_true",
                    help="float32 matmuls with dequantized weights instead of the packed kernels")
+    p.add_argument("--head", choices=("float32", "int8"), default="float32",
+                   help="LM head: float32 (exact) or int8 (a quarter of the bytes per token; docs/engine.md)")
     p.add_argument("--speculative", type=non_negative_int, default=0, metavar="K",
                    help="self-speculative decoding: the model's first K multi-token-prediction heads draft, "
                         "one forward verifies (needs a model trained with mtp_n_tokens >= K; 0 = off)")
@@ -47,7 +49,7 @@ def main(argv=None):
         for stop in args.stop:
             check_text(stop, "--stop")
         check_model_path(args.model)
-        engine = Engine.from_path(args.model, args.backend, dequantized=args.dequantized)
+        engine = Engine.from_path(args.model, args.backend, dequantized=args.dequantized, head=args.head)
         engine.require_tokenizer()
         options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,

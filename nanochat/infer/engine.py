@@ -35,12 +35,13 @@ from nanochat.infer.sampling import SamplingParams, apply_repetition_penalty, ne
 from nanochat.infer.text import Completion, GenerationStats, TextStream
 from nanochat.model.cache import MIN_CAPACITY, SNAPSHOT_EVERY
 from nanochat.model.gpt import Model
-from nanochat.model.linear import PackedLinear
+from nanochat.model.linear import Int8Head, PackedLinear
 from nanochat.model.params import inference_tensors
 
 F32 = np.float32
 PREFILL_SCORE_BYTES = 64 << 20  # float64 attention scores of one prefill chunk stay under this
 MAX_PREFILL_CHUNK = 512
+HEADS = ("float32", "int8")  # LM head kinds
 
 __all__ = ["Completion", "Engine", "GenerationStats", "SNAPSHOT_EVERY", "SamplingParams", "Sequence", "TextStream",
            "apply_repetition_penalty", "expected_tensors", "load_model", "next_token_distribution", "random_model",
@@ -149,10 +150,12 @@ class Engine:
     ``tokenizer_json``, ``source``). ``backend``: a name for ``backends.get_backend`` or a
     Backend. ``dequantized``: float32 matmuls with ``W = q * s`` instead of packed kernels.
     ``max_len``: initial cache capacity in positions (default 16; caches grow on demand).
-    ``tokenizer``: overrides the one in ``loaded``.
+    ``tokenizer``: overrides the one in ``loaded``. ``head``: ``float32`` (exact) or ``int8``
+    (int8 weights and activations, exact int32 sums: a quarter of the bytes; logit error in
+    docs/engine.md).
     """
 
-    def __init__(self, loaded, backend="auto", *, dequantized=False, max_len=None, tokenizer=None):
+    def __init__(self, loaded, backend="auto", *, dequantized=False, max_len=None, tokenizer=None, head="float32"):
         from backends import get_backend
 
         cfg = getattr(loaded.config, "model", loaded.config)
@@ -167,6 +170,11 @@ class Engine:
         self.model = Model.from_weights(cfg, self.be, {name: loaded.floats[name] for name in floats})
         self.linear = PackedLinear(self.be, {name: loaded.ternary[name] for name in ternary}, cfg.group_size,
                                    dequantized=self.dequantized)
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}.")
+        self.head_kind = head
+        w = self.model.params["tok_embeddings" if cfg.tie_embeddings else "lm_head"]
+        self.head = Int8Head(self.be, w) if head == "int8" else None
         self.context_length = int(cfg.seq_len)  # what the model was trained on (servers bound requests by it)
         self.max_len = max(int(max_len or MIN_CAPACITY), 1)
         self.tokenizer = tokenizer
@@ -290,7 +298,8 @@ class Engine:
             while start < t:
                 n = min(t - start, self.prefill_chunk(max(c.position for c in caches) + t))
                 last = not all_logits and start + n == t
-                o = self.model.forward(idx[:, start:start + n], caches, linear=self.linear, last_only=not all_logits)
+                o = self.model.forward(idx[:, start:start + n], caches, linear=self.linear, last_only=not all_logits,
+                                       head=self.head)
                 if all_logits or last:
                     out.append(self.be.to_numpy(o.logits))
                 if hidden is not None:

@@ -71,8 +71,8 @@ class Run:
     positions and caches. ``caches is None``: training-style (Tensors, float32, whole batch);
     else inference-style (arrays, float64 islands, per-sequence state)."""
 
-    def __init__(self, model, idx, caches, linear, keep):
-        self.model, self.caches = model, caches
+    def __init__(self, model, idx, caches, linear, keep, head=None):
+        self.model, self.caches, self.head = model, caches, head
         be, c = model.be, model.cfg
         self.inference = caches is not None
         self.F = model.array_ops if self.inference else be
@@ -351,14 +351,15 @@ class Model:
         return SequenceCache(states)
 
     # --------------------------------------------------------------------- forward
-    def forward(self, idx, cache=None, *, linear=None, keep=None, last_only=False):
+    def forward(self, idx, cache=None, *, linear=None, keep=None, last_only=False, head=None):
         """``idx`` int [B, T] -> ``Output`` (logits [B, T, V], hidden state, MoE routing).
 
         ``cache``: None for the training forward (positions 0 .. T-1, autograd), or a list of
         B ``SequenceCache`` (one per row; each row continues its own sequence from its own
         position, and the caches advance by T). ``linear``: the BitLinear strategy (default
         the training ``ternary_linear`` with ``keep``, Collider's row selection). ``last_only``:
-        logits of each row's last position only (``[B, 1, V]``; what sampling needs).
+        logits of each row's last position only (``[B, 1, V]``; what sampling needs). ``head``:
+        inference only, a callable for the LM head on ``[N, C]`` rows (e.g. ``Int8Head``).
         """
         c, be = self.cfg, self.be
         xp = be.xp
@@ -369,7 +370,7 @@ class Model:
         if cache is not None:
             for seq in cache:
                 seq.reserve(seq.position + t)
-        run = Run(self, idx, cache, linear, keep)
+        run = Run(self, idx, cache, linear, keep, head)
         F = run.F
         x = F.gather(self.params["tok_embeddings"], idx)
         n = c.n_streams
@@ -394,7 +395,7 @@ class Model:
         the kept rows only (the filtered tokens' loss weights are zero, so skipping is exact)."""
         w = self.params["tok_embeddings" if self.cfg.tie_embeddings else "lm_head"]
         if run is not None and run.inference:
-            return h2 @ w.T
+            return run.head(h2) if run.head is not None else h2 @ w.T
         return self.be.dense_linear(h2, w, keep=keep)
 
     def mtp_hidden(self, h, i, keep=None, linear=None):
@@ -407,12 +408,13 @@ class Model:
         z = h + lin(F.rmsnorm(h, P[f"mtp.{i}.norm"], eps=c.norm_eps), f"mtp.{i}.proj")[0]
         return F.rmsnorm(z, P["norm"], eps=c.norm_eps)
 
-    def draft_logits(self, h, n_heads, linear):
+    def draft_logits(self, h, n_heads, linear, head=None):
         """Inference: the first ``n_heads`` MTP heads on one hidden row ``h [C]`` -> logits
         ``[n_heads, V]``; row i guesses the token i + 2 positions after ``h``'s (speculative drafts)."""
-        rows = [self.mtp_hidden(h[None, :], i, linear=linear) for i in range(n_heads)]
-        w = self.params["tok_embeddings" if self.cfg.tie_embeddings else "lm_head"]
-        return self.be.xp.concatenate(rows) @ w.T
+        z = self.be.xp.concatenate([self.mtp_hidden(h[None, :], i, linear=linear) for i in range(n_heads)])
+        if head is not None:
+            return head(z)
+        return z @ self.params["tok_embeddings" if self.cfg.tie_embeddings else "lm_head"].T
 
     def logits(self, idx):
         """Full-sequence logits [B, T, V] of the training forward (no loss)."""

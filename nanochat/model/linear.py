@@ -131,3 +131,17 @@ class PackedLinear:
         if xq.shape[0] == 1:
             return self.be.packed_gemv(w, xq[0], xs[0])[None, :]
         return self.be.packed_gemm(w, xq, xs)
+
+
+class Int8Head:
+    """The LM head with int8 weights (absmax per vocabulary row, ``quantize_acts``) and int8
+    activations (absmax per token): ``int8_linear``, exact int32 sums. A quarter of the float32
+    head's bytes per token; its logit error is measured in docs/engine.md (``--head int8``)."""
+
+    def __init__(self, be, w):
+        self.be = be
+        self.wq, self.ws = be.quantize_acts(be.xp.ascontiguousarray(w))
+
+    def __call__(self, h2):
+        xq, xs = self.be.quantize_acts(h2 if h2.flags.c_contiguous else self.be.xp.ascontiguousarray(h2))
+        return self.be.int8_linear(xq, xs, self.wq, self.ws)
