@@ -671,7 +671,7 @@ def main(argv=None):
     if trainer.dist is not None:
         print(trainer.dist.describe(cfg))
     print(f"data: {len(trainer.data.train_tokens):,} train tokens, {len(trainer.data.val_tokens):,} val tokens; "
-          f"{cfg.train.steps} steps x {cfg.train.batch_size * cfg.model.seq_len * cfg.train.grad_accum:,} tokens"
+          f"{cfg.train.steps} steps x {cfg.train.batch_size * cfg.model.seq_len * cfg.train.grad_accum * comm.size:,} tokens"
           + (f"; resuming at step {trainer.state.step}" if ck else ""))
     if ck:
         same_dir = _run_dir_of(ck["path"]) is not None and \
