@@ -35,12 +35,12 @@ def decode_rate(engine, prompt, n_tokens, repeats):
     """(median decode tokens/s, prefill tokens/s) over ``repeats`` runs."""
     rates, prefill = [], []
     for _ in range(repeats):
-        engine.reset()
+        seq = engine.new_sequence()
         t0 = time.perf_counter()
-        logits = engine.feed(prompt)[-1]
+        logits = engine.prefill(seq, prompt)  # the last position's logits (what generation needs)
         t1 = time.perf_counter()
         for _ in range(n_tokens):
-            logits = engine.step(int(np.argmax(logits)))
+            logits = engine.decode([seq], [int(np.argmax(logits))])[0]
         t2 = time.perf_counter()
         prefill.append(len(prompt) / (t1 - t0))
         rates.append(n_tokens / (t2 - t1))
@@ -79,22 +79,24 @@ def main(argv=None):
               f"dim {cfg.model.dim}, {cfg.model.n_layers} layers, vocab {cfg.model.vocab_size}, "
               f"group {cfg.model.group_size}")
         results = {}
-        for label, dequantized in (("packed", False), ("float32 dequantized", True)):
+        for label, dequantized, head in (("packed", False, "float32"), ("packed + int8 head", False, "int8"),
+                                         ("float32 dequantized", True, "float32")):
             t0 = time.perf_counter()
-            engine = Engine(loaded, be, dequantized=dequantized, max_len=args.prompt + args.tokens + 1)
+            engine = Engine(loaded, be, dequantized=dequantized, max_len=args.prompt + args.tokens + 1, head=head)
             load_s = time.perf_counter() - t0
             decode_rate(engine, prompt[:4], 2, 1)  # compile / warm up
             rate, pre = decode_rate(engine, prompt, args.tokens, args.repeats)
             kernel = ""
             if not dequantized:
-                handle = next(iter(engine.linear.values()))
+                handle = next(iter(engine.linear.matrices.values()))
                 kernel = f", kernel {getattr(handle, 'kernel', type(handle).__name__)}"
             weight_mb = n_ternary * (0.25 if not dequantized else 4) / 1e6
             results[label] = rate
             print(f"  {label:20s} decode {rate:8.1f} tokens/s | prefill {pre:8.1f} tokens/s | "
                   f"ternary weights {weight_mb:7.1f} MB | load {load_s:5.1f} s{kernel}")
             del engine
-        print(f"  packed / float32 decode speed: {results['packed'] / results['float32 dequantized']:.2f}x")
+        print(f"  packed / float32 decode speed: {results['packed'] / results['float32 dequantized']:.2f}x; "
+              f"with the int8 head {results['packed + int8 head'] / results['float32 dequantized']:.2f}x")
 
 
 if __name__ == "__main__":
