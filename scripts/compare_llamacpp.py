@@ -95,7 +95,7 @@ def main(argv=None):
                      f"{pre / statistics.median(base['prefill']):.2f}x llama.cpp)") if name != "llama.cpp" else ""
             same = "" if name == "llama.cpp" else f"  greedy tokens {'equal' if tokens[name] == tokens['llama.cpp'] else 'differ'}"
             print(f"  {name:22s} decode {dec:7.1f} tok/s  prefill {pre:7.1f} tok/s{ratio}{same}")
-        del llm
+        llm = None  # free the model before the next thread count loads it again
     return 0
 
 
