@@ -417,6 +417,15 @@ def test_disconnect_cancels_and_frees_the_sequence():
             time.sleep(0.02)
         assert srv.state.scheduler.active_count == 0
         assert "nanochat_cancelled_sequences_total 1.0" in httpx.get(srv.url + "/metrics", timeout=TIMEOUT).text
+        # a non-streaming request whose client gives up is cancelled too
+        body = json.dumps({"prompt": "def f(", "max_tokens": 200, "ignore_eos": True}).encode()
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.url + "/v1/completions", content=body, timeout=httpx.Timeout(TIMEOUT, read=0.5))
+        deadline = time.monotonic() + 10
+        while srv.state.scheduler.active_count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert srv.state.scheduler.active_count == 0
+        assert "nanochat_cancelled_sequences_total 2.0" in httpx.get(srv.url + "/metrics", timeout=TIMEOUT).text
     finally:
         srv.close()
 

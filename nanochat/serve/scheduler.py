@@ -185,9 +185,9 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
         for a in self._active:
-            a.job.sink(ErrorEvent(a.job.index, "the server is shutting down."))
+            self._send(a.job, ErrorEvent(a.job.index, "the server is shutting down."))
         for job in self._waiting:
-            job.sink(ErrorEvent(job.index, "the server is shutting down."))
+            self._send(job, ErrorEvent(job.index, "the server is shutting down."))
         self._active, self._waiting = [], collections.deque()
 
     # ---------------------------------------------------------------- the scheduler thread
