@@ -38,6 +38,8 @@ GEMV_ROWS = 4
 GEMM_ROWS = 2
 GEMM_TOKENS = 6
 GEMM_TAIL_TOKENS = 2
+# Tokens per outer chunk of the GEMM driver (a multiple of GEMM_TOKENS, so tails only at the end).
+GEMM_TOKEN_CHUNK = 48
 ROW_PAD = 8
 assert ROW_PAD % GEMV_ROWS == 0 and ROW_PAD % GEMM_ROWS == 0
 # int16 accumulators are widened after this many chunks (32 * 512 = 16384 < 32767).
@@ -355,20 +357,25 @@ def _gemv_blocks(path, layout, scales_t, xq, xs, xsums, cpg, m, b0, b1, out):
 @njit(cache=True)
 def _gemm_blocks(path, layout, scales_t, xq, xs, xsums, cpg, m, b0, b1, out):
     """Row blocks ``b0 .. b1`` of ``GEMM_ROWS`` rows, all tokens: ``GEMM_TOKENS`` at a time,
-    then ``GEMM_TAIL_TOKENS``, then one."""
+    then ``GEMM_TAIL_TOKENS``, then one. Tokens go in chunks of ``GEMM_TOKEN_CHUNK`` (outer loop)
+    so that a chunk's activations stay in cache while every row block passes over them; with
+    thousands of tokens (training) streaming all activations once per row block was
+    cache-bound. Each output is computed by the same instructions either way."""
     n_tok = xq.shape[0]
-    for b in range(b0, b1):
-        row0 = b * GEMM_ROWS
-        t = 0
-        while t + GEMM_TOKENS <= n_tok:
-            _block_gemm(path, layout, row0, xq, t, cpg, scales_t, xsums, xs, m, out)
-            t += GEMM_TOKENS
-        while t + GEMM_TAIL_TOKENS <= n_tok:
-            _block_gemm_tail(path, layout, row0, xq, t, cpg, scales_t, xsums, xs, m, out)
-            t += GEMM_TAIL_TOKENS
-        while t < n_tok:
-            _block_gemm_one(path, layout, row0, xq, t, cpg, scales_t, xsums, xs, m, out)
-            t += 1
+    for c0 in range(0, n_tok, GEMM_TOKEN_CHUNK):
+        c1 = min(n_tok, c0 + GEMM_TOKEN_CHUNK)
+        for b in range(b0, b1):
+            row0 = b * GEMM_ROWS
+            t = c0
+            while t + GEMM_TOKENS <= c1:
+                _block_gemm(path, layout, row0, xq, t, cpg, scales_t, xsums, xs, m, out)
+                t += GEMM_TOKENS
+            while t + GEMM_TAIL_TOKENS <= c1:
+                _block_gemm_tail(path, layout, row0, xq, t, cpg, scales_t, xsums, xs, m, out)
+                t += GEMM_TAIL_TOKENS
+            while t < c1:
+                _block_gemm_one(path, layout, row0, xq, t, cpg, scales_t, xsums, xs, m, out)
+                t += 1
 
 
 # Entry points: (path, layout, scales_t float32 [K // G, M_pad], xq int8 [N, K], xs float64 [N],
