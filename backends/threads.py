@@ -256,3 +256,12 @@ def adapt_threads():
 def policy():
     """The process-wide ``ThreadPolicy`` (None before ``apply_thread_policy``)."""
     return _POLICY
+
+
+def start_training(backend, write=print):
+    """The trainer's one call before its first step (and before the first evaluation, which
+    compiles the forward kernels): apply the thread policy and say ``compiling kernels, first
+    run only`` when the numba kernels are not cached yet. Returns the policy's ``describe()``."""
+    described = apply_thread_policy()
+    compile_notice(backend, write)
+    return described

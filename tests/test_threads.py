@@ -89,3 +89,21 @@ def test_numba_backend_caches_outside_the_source_tree(tmp_path):
             "print(numba.config.CACHE_DIR)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == str(tmp_path / "numba")
+
+
+def test_start_training_applies_the_policy(monkeypatch, tmp_path):
+    monkeypatch.setenv(threads.ENV_THREADS, "1")
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    import numba
+
+    before = numba.get_num_threads()
+    said = []
+    try:
+        described = threads.start_training("numba", said.append)
+        assert described["threads"] == 1 and described["mode"] == "fixed"
+        assert said and threads.COMPILE_NOTICE in said[0]
+        assert threads.adapt_threads() == 1
+    finally:
+        numba.set_num_threads(before)
+        monkeypatch.delenv(threads.ENV_THREADS)
+        threads.apply_thread_policy(threads.available_cores())
