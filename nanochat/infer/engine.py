@@ -31,7 +31,8 @@ from typing import Iterator
 import numpy as np
 
 from reference.autograd import no_grad
-from nanochat.infer.sampling import SamplingParams, apply_repetition_penalty, next_token_distribution, sample_next
+from nanochat.infer.sampling import (SamplingParams, apply_repetition_penalty, limit_vocab, next_token_distribution,
+                                     sample_next)
 from nanochat.infer.text import Completion, GenerationStats, TextStream
 from nanochat.model.cache import MIN_CAPACITY, SNAPSHOT_EVERY
 from nanochat.model.gpt import Model
@@ -329,19 +330,7 @@ class Engine:
         ``speculative = k > 0``: self-speculative decoding with the first k MTP heads as drafters
         (``nanochat.infer.speculative``; same output distribution, greedy output the same tokens).
         """
-        if speculative:
-            if isinstance(speculative, bool) or not isinstance(speculative, (int, np.integer)) or speculative < 0:
-                raise ValueError(f"speculative must be an integer >= 0, got {speculative!r}.")
-            if not self.mtp_heads:
-                raise ValueError(f"{self.source or 'the model'} has no multi-token-prediction heads "
-                                 f"(mtp_n_tokens = {self.cfg.mtp_n_tokens} or none stored), so it cannot draft "
-                                 f"for speculative decoding.")
-            if speculative > self.mtp_heads:
-                raise ValueError(f"speculative = {speculative} asks for more drafts than the model's "
-                                 f"{self.mtp_heads} MTP heads.")
-            yield from self._generate_speculative(prompt_ids, max_new_tokens, params, stop_ids, vocab_limit,
-                                                  int(speculative))
-            return
+        k = self._check_speculative(speculative)
         prompt_ids = [int(i) for i in prompt_ids]
         if not prompt_ids:
             raise ValueError("the prompt is empty; give at least one token.")
@@ -353,59 +342,21 @@ class Engine:
         rng = np.random.default_rng(params.seed)
         stop_ids = {int(s) for s in stop_ids}
         t0 = time.perf_counter()
-        logits, stats.reused_tokens = self._prime(prompt_ids)
-        stats.prefill_seconds = time.perf_counter() - t0
-        history = list(prompt_ids)
-        busy = 0.0  # time spent sampling and decoding, not waiting for the consumer
-        try:
-            for i in range(max_new_tokens):
-                tick = time.perf_counter()
-                if vocab_limit is not None and vocab_limit < logits.size:
-                    logits = logits.copy()
-                    logits[vocab_limit:] = -np.inf
-                token = sample_next(logits, history, params, rng)
-                busy += time.perf_counter() - tick
-                if token in stop_ids:
-                    stats.finish_reason = "stop_token"
-                    break
-                history.append(token)
-                generated.append(token)
-                stats.new_tokens += 1
-                stats.decode_seconds = busy
-                yield token
-                if i + 1 < max_new_tokens:
-                    tick = time.perf_counter()
-                    logits = self.step(token)
-                    busy += time.perf_counter() - tick
-        finally:
-            stats.decode_seconds = busy
-
-    def _generate_speculative(self, prompt_ids, max_new_tokens, params, stop_ids, vocab_limit, k):
-        from nanochat.infer.speculative import speculative_ids
-
-        prompt_ids = [int(i) for i in prompt_ids]
-        if not prompt_ids:
-            raise ValueError("the prompt is empty; give at least one token.")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}.")
-        self._check_ids(np.asarray(prompt_ids))
-        stats = self.last_stats = GenerationStats(prompt_tokens=len(prompt_ids), finish_reason="length")
-        self.last_token_ids = generated = []
-        rng = np.random.default_rng(params.seed)
-        stop_ids = {int(s) for s in stop_ids}
-        t0 = time.perf_counter()
-        hidden = []
+        hidden = [] if k else None
         logits, stats.reused_tokens = self._prime(prompt_ids, hidden)
-        if vocab_limit is not None and vocab_limit < logits.size:
-            logits = logits.copy()
-            logits[vocab_limit:] = -np.inf
-        history = list(prompt_ids)
-        first = sample_next(logits, history, params, rng)
         stats.prefill_seconds = time.perf_counter() - t0
         if max_new_tokens == 0:
             return
-        tokens = speculative_ids(self, self._seq, first, hidden[-1][0, -1], history, params, rng, k, vocab_limit, stats)
-        busy, tick = 0.0, time.perf_counter()
+        history = list(prompt_ids)
+        if k:
+            from nanochat.infer.speculative import speculative_ids
+
+            first = sample_next(limit_vocab(logits, vocab_limit), history, params, rng)
+            tokens = speculative_ids(self, self._seq, first, hidden[-1][0, -1], history, params, rng, k,
+                                     vocab_limit, stats)
+        else:
+            tokens = self._plain_ids(logits, history, params, rng, vocab_limit)
+        busy, tick = 0.0, time.perf_counter()  # time spent sampling and decoding, not waiting for the consumer
         try:
             for token in tokens:
                 busy += time.perf_counter() - tick
@@ -422,6 +373,28 @@ class Engine:
         finally:
             tokens.close()
             stats.decode_seconds = busy
+
+    def _plain_ids(self, logits, history, params, rng, vocab_limit):
+        """One token per forward, forever (the caller stops): sample, append, decode it."""
+        while True:
+            token = sample_next(limit_vocab(logits, vocab_limit), history, params, rng)
+            yield token
+            history.append(token)
+            logits = self.step(token)
+
+    def _check_speculative(self, speculative):
+        if not speculative:
+            return 0
+        if isinstance(speculative, bool) or not isinstance(speculative, (int, np.integer)) or speculative < 0:
+            raise ValueError(f"speculative must be an integer >= 0, got {speculative!r}.")
+        if not self.mtp_heads:
+            raise ValueError(f"{self.source or 'the model'} has no multi-token-prediction heads "
+                             f"(mtp_n_tokens = {self.cfg.mtp_n_tokens} or none stored), so it cannot draft "
+                             f"for speculative decoding.")
+        if speculative > self.mtp_heads:
+            raise ValueError(f"speculative = {speculative} asks for more drafts than the model's "
+                             f"{self.mtp_heads} MTP heads.")
+        return int(speculative)
 
     def require_tokenizer(self):
         if self.tokenizer is None:

@@ -89,3 +89,12 @@ def sample_next(logits, history, params, rng):
         return int(np.argmax(p))
     cdf = np.cumsum(p)
     return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), p.size - 1))
+
+
+def limit_vocab(logits, vocab_limit):
+    """``logits`` with ids at or past ``vocab_limit`` set to -inf (a tokenizer smaller than the
+    model's vocabulary never gets them); the input itself is left alone."""
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        logits = np.array(logits, copy=True)
+        logits[..., vocab_limit:] = -np.inf
+    return logits

@@ -24,14 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from nanochat.infer.sampling import next_token_distribution
-
-
-def _limited(logits, vocab_limit):
-    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
-        logits = np.array(logits, copy=True)
-        logits[..., vocab_limit:] = -np.inf
-    return logits
+from nanochat.infer.sampling import limit_vocab, next_token_distribution
 
 
 def _draw(p, rng, greedy):
@@ -54,7 +47,7 @@ def speculative_ids(engine, seq, pending, h, history, params, rng, k, vocab_limi
         yield pending
         history.append(pending)
         # Drafts from the MTP heads on h (independent of each other except through the penalty).
-        draft_logits = _limited(engine.be.to_numpy(engine.model.draft_logits(h, k, engine.linear, engine.head)), vocab_limit)
+        draft_logits = limit_vocab(engine.be.to_numpy(engine.model.draft_logits(h, k, engine.linear, engine.head)), vocab_limit)
         drafts, qs, hist = [], [], list(history)
         for j in range(k):
             q = next_token_distribution(draft_logits[j], hist, params)
@@ -64,7 +57,7 @@ def speculative_ids(engine, seq, pending, h, history, params, rng, k, vocab_limi
             hist.append(d)
         # One forward verifies them all.
         hidden = []
-        logits = _limited(engine._verify(seq, [pending] + drafts, hidden), vocab_limit)
+        logits = limit_vocab(engine._verify(seq, [pending] + drafts, hidden), vocab_limit)
         hidden = hidden[0] if len(hidden) == 1 else xp.concatenate(hidden, axis=1)
         stats.drafted += k
         for j, d in enumerate(drafts):
