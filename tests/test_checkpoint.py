@@ -189,8 +189,8 @@ def test_missing_directory_and_missing_files(tmp_path):
 
 
 @pytest.mark.parametrize("content, problem", [
-    ("{not json", "invalid JSON"),
-    ("[1, 2]", "expected a JSON object"),
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "must hold a JSON object"),
     ('{"tokens": 0, "data_step": 0, "rng": {}}', "step: the field is missing"),
     ('{"step": -1, "tokens": 0, "data_step": 0, "rng": {}}', "step: must be a non-negative integer"),
     ('{"step": 1, "tokens": 0, "data_step": 1, "rng": {"bit_generator": "seed"}}', "does not hold a numpy bit generator"),

@@ -533,20 +533,9 @@ def _build_entry(entry, corpus, settings, vocab_size, val_fraction, tokenizer_ma
 # Pre-tokenized .bin files
 # ------------------------------------------------------------------------------------
 def _read_sidecar(path: Path) -> dict:
-    from nanochat.io.atomic import read_regular
+    from nanochat.io.atomic import read_json_object
 
-    try:
-        text = read_regular(path, MAX_SIDECAR_BYTES, what="sidecar").decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"sidecar {path} is not UTF-8 JSON.") from None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"sidecar {path} is not valid JSON ({exc.msg} at line {exc.lineno}).") from None
-    except RecursionError:
-        raise ValueError(f"sidecar {path} nests JSON too deeply.") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"sidecar {path} must hold a JSON object, not {type(value).__name__}.")
+    value = read_json_object(path, MAX_SIDECAR_BYTES, what="sidecar")
     for key in value:
         if key not in SIDECAR_KEYS:
             raise ValueError(f"sidecar {path} has unknown field {key!r} (known: {', '.join(SIDECAR_KEYS)}).")

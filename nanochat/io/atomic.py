@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import stat
 import tempfile
@@ -127,3 +128,23 @@ def read_regular(path, limit: int, what="file", error=ValueError) -> bytes:
     if len(data) > limit:
         raise error(f"{path}: the {what} grew past {limit:,} bytes while being read.")
     return data
+
+
+def read_json_object(path, limit: int, what="file", error=ValueError) -> dict:
+    """A JSON object from the regular file ``path`` (at most ``limit`` bytes, UTF-8), or one
+    ``error`` naming the file: not UTF-8, invalid JSON (with line and column), nesting too deep
+    for the parser, or a value that is not an object."""
+    data = read_regular(path, limit, what, error)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: the {what} is not UTF-8 text (bad byte at offset {exc.start}).") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: the {what} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}).") from None
+    except RecursionError:
+        raise error(f"{path}: the {what} nests JSON too deeply.") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: the {what} must hold a JSON object, not {type(value).__name__}.")
+    return value

@@ -269,15 +269,9 @@ def _show(value) -> str:
 
 
 def _read_state(file):
-    text = _read_small_text(file, MAX_STATE_BYTES)
-    try:
-        state = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{file}: invalid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
-    except RecursionError:
-        raise CheckpointError(f"{file}: the JSON nests deeper than {MAX_JSON_DEPTH} levels") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{file}: expected a JSON object, got {type(state).__name__}")
+    from nanochat.io.atomic import read_json_object
+
+    state = read_json_object(file, MAX_STATE_BYTES, what="state file", error=CheckpointError)
     if _depth(state, MAX_JSON_DEPTH) > MAX_JSON_DEPTH:
         raise CheckpointError(f"{file}: the JSON nests deeper than {MAX_JSON_DEPTH} levels")
     for key, kind in _STATE_FIELDS.items():
