@@ -215,9 +215,9 @@ class OptimConfig:
     """``[optim]``: Muon for 2-D hidden weights, AdamW (or Lion) for the rest, GaLore 2, schedule."""
 
     muon_lr: float = _key(0.02, "Muon learning rate (all BitLinear shadow weights, DeltaNet and expert projections).", ge=0)
-    adamw_lr: float = _key(0.003, "AdamW/Lion learning rate for norms, mHC parameters, routers and scalars.", ge=0)
-    embedding_lr: float = _key(0.01, "AdamW/Lion learning rate for the token embedding (and the tied LM head).", ge=0)
-    head_lr: float = _key(0.004, "AdamW/Lion learning rate for an untied LM head.", ge=0)
+    adamw_lr: float = _key(0.003, "AdamW learning rate for norms, mHC parameters, routers and scalars (Lion: times lion_lr_scale).", ge=0)
+    embedding_lr: float = _key(0.01, "AdamW learning rate for the token embedding and the tied LM head (Lion: times lion_lr_scale).", ge=0)
+    head_lr: float = _key(0.004, "AdamW learning rate for an untied LM head (Lion: times lion_lr_scale).", ge=0)
     muon_momentum: float = _key(0.95, "Muon momentum beta.", ge=0, lt=1)
     muon_nesterov: bool = _key(True, "Nesterov update u = lerp(g, buf, beta) instead of u = buf.")
     muon_ns_steps: int = _key(5, "Newton-Schulz iterations of the orthogonalisation.", ge=1, le=100)
@@ -231,6 +231,8 @@ class OptimConfig:
     adamw_weight_decay: float = _key(0.0, "Decoupled weight decay of the AdamW/Lion groups.", ge=0)
     scalar_optimizer: str = _key("adamw", "Optimizer of the non-Muon groups: `adamw` or `lion`.", choices=("adamw", "lion"))
     lion_betas: tuple = _key((0.9, 0.99), "Lion (beta1, beta2).", kind="float_pair", ge=0, lt=1)
+    lion_lr_scale: float = _key(0.3, "With scalar_optimizer = lion, each of adamw_lr, embedding_lr and head_lr is multiplied by this: Lion's sign update moves every weight by the full rate, so it wants a 3-10x smaller one.",
+                                gt=0, le=1)
     galore: bool = _key(False, "GaLore 2: keep the optimizer state of large matrices in a rank-r projected space.")
     galore_rank: int = _key(128, "GaLore projection rank r; at most galore_min_dim.", ge=1, le=MAX_WIDTH)
     galore_update_freq: int = _key(200, "Steps between projector refreshes (randomized SVD of the gradient).", ge=1, le=MAX_STEPS)

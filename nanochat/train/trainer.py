@@ -115,6 +115,7 @@ def build_optimizers(model, cfg: Config):
         if not params:
             continue
         if o.scalar_optimizer == "lion":
+            lr = lr * o.lion_lr_scale  # Lion's own rates: a fraction of AdamW's (docs/config.md)
             opt = ref_optim.Lion(params, lr, betas=tuple(o.lion_betas), weight_decay=o.adamw_weight_decay, kernels=be)
         else:
             opt = ref_optim.AdamW(params, lr, betas=tuple(o.adamw_betas), eps=o.adamw_eps,
