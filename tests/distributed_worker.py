@@ -7,14 +7,16 @@
 - ``overrides``: config ``--set`` strings (the tests' tiny model, numpy backend);
 - ``resume``: a checkpoint directory to start from; ``save``: write a checkpoint at the end
   (``out_dir``); ``until``: run ``Trainer.train(until)`` instead of single steps;
-- ``fail_rank``/``fail_step``: that rank raises at that step (the others must not hang).
+- ``fail_rank``/``fail_step``: that rank raises at that step, or with ``fail_kill`` is killed by
+  SIGKILL (the others must not hang).
 """
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -25,20 +27,7 @@ from nanochat.io.checkpoint import load_checkpoint  # noqa: E402
 from nanochat.train import distributed  # noqa: E402
 from nanochat.train.trainer import Trainer  # noqa: E402
 
-VOCAB = 300
-
-
-def token_stream(n, seed=0):
-    rng = np.random.default_rng(seed)
-    tokens = np.tile(np.arange(0, VOCAB, 7), n // 43 + 1)[:n]
-    noise = rng.random(n) < 0.1
-    tokens[noise] = rng.integers(0, VOCAB, int(noise.sum()))
-    return tokens.astype(np.uint16)
-
-
-def synthetic_data():
-    return SimpleNamespace(train_tokens=token_stream(20000, 1), val_tokens=token_stream(1200, 2),
-                           vocab_size=VOCAB, tokenizer=None, tokenizer_path=None)
+from run_helpers import synthetic_data  # noqa: E402  (tests/ is this script's directory)
 
 
 def main(spec_path):
@@ -47,7 +36,7 @@ def main(spec_path):
     distributed.install_excepthook(comm)
     cfg = load_config("tiny", spec["overrides"])
     ck = load_checkpoint(spec["resume"]) if spec.get("resume") else None
-    trainer = Trainer(cfg, out_dir=spec["out_dir"], resume=ck, progress=False, data=synthetic_data(), comm=comm)
+    trainer = Trainer(cfg, out_dir=spec["out_dir"], resume=ck, progress=False, data=synthetic_data(20000, 1200), comm=comm)
     steps = []
     if spec.get("until"):
         trainer.train(until=spec["until"])
@@ -55,6 +44,8 @@ def main(spec_path):
         loader = trainer._make_loader()
         for s in range(spec.get("steps", 0)):
             if comm.rank == spec.get("fail_rank", -1) and s == spec.get("fail_step", -1):
+                if spec.get("fail_kill"):
+                    os.kill(os.getpid(), signal.SIGKILL)  # dies without a word
                 raise RuntimeError(f"injected failure at step {s}")
             rec = trainer.train_step(loader)
             times = rec.pop("times")

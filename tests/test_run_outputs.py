@@ -3,7 +3,6 @@ metrics.jsonl and TensorBoard, one loss-plot title for training and ``train plot
 TensorBoard line that works (or says how to get the viewer)."""
 from __future__ import annotations
 
-import struct
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,6 +15,7 @@ from nanochat.train import metrics
 from nanochat.train import trainer as trainer_module
 from nanochat.train.metrics import read_metrics, run_title, tensorboard_hint
 from nanochat.train.trainer import Trainer, main
+from run_helpers import tensorboard_scalars
 
 pytestmark = pytest.mark.trainer
 
@@ -32,19 +32,6 @@ def _data():
                            vocab_size=300, tokenizer=None, tokenizer_path=None)
 
 
-def _tags(tb_dir):
-    from tensorboardX.proto import event_pb2
-
-    tags = {}
-    for path in Path(tb_dir).glob("events.out.tfevents.*"):
-        data, pos = path.read_bytes(), 0
-        while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-            pos += 12 + length + 4
-            for v in event.summary.value:
-                tags.setdefault(v.tag, []).append(v.simple_value)
-    return tags
 
 
 def test_collider_kept_fraction_is_logged_to_jsonl_and_tensorboard(tmp_path):
@@ -55,7 +42,7 @@ def test_collider_kept_fraction_is_logged_to_jsonl_and_tensorboard(tmp_path):
     # floor(0.25 * 32) = 8 of every 32 tokens filtered
     assert [r["kept_fraction"] for r in train] == [0.75, 0.75]
     assert metrics.TB_TAGS["kept_fraction"] == "collider/kept_fraction"
-    assert _tags(result["tensorboard"])["collider/kept_fraction"] == [0.75, 0.75]
+    assert tensorboard_scalars(result["tensorboard"])["collider/kept_fraction"] == [0.75, 0.75]
 
 
 def test_kept_fraction_is_one_without_collider(tmp_path):

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import math
 import signal
-import struct
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -27,7 +25,7 @@ from nanochat.train.trainer import Trainer, TrainingError, main
 
 pytestmark = pytest.mark.trainer
 
-VOCAB = 300
+from run_helpers import VOCAB, synthetic_data, tensorboard_scalars, token_stream  # noqa: E402
 TINY = [
     "model.dim=64", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=2", "model.group_size=64",
     "model.ffn_hidden=128", "model.seq_len=32", f"model.vocab_size={VOCAB}",
@@ -41,18 +39,6 @@ def tiny_config(*extra):
     return load_config("tiny", TINY + list(extra))
 
 
-def token_stream(n, seed=0):
-    """A learnable stream: a repeating stride-7 cycle with 10% random substitutions."""
-    rng = np.random.default_rng(seed)
-    tokens = np.tile(np.arange(0, VOCAB, 7), n // 43 + 1)[:n]
-    noise = rng.random(n) < 0.1
-    tokens[noise] = rng.integers(0, VOCAB, int(noise.sum()))
-    return tokens.astype(np.uint16)
-
-
-def synthetic_data():
-    return SimpleNamespace(train_tokens=token_stream(4000, 1), val_tokens=token_stream(400, 2),
-                           vocab_size=VOCAB, tokenizer=None, tokenizer_path=None)
 
 
 def make_trainer(cfg, out_dir, **kwargs):
@@ -514,21 +500,6 @@ def test_large_preset_structures_train_at_narrow_width(tmp_path, preset):
 
 # ------------------------------------------------------------------------------- logs
 
-def _event_tags(tb_dir):
-    """Scalar tags in TensorBoard event files: TFRecord framing (u64 length, u32 crc, data, u32 crc)."""
-    from tensorboardX.proto import event_pb2
-
-    tags = set()
-    for path in Path(tb_dir).glob("events.out.tfevents.*"):
-        data, pos = path.read_bytes(), 0
-        while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
-            pos += 12 + length + 4
-            tags.update(v.tag for v in event.summary.value)
-    return tags
-
-
 def test_metrics_tensorboard_and_plot(tmp_path):
     pytest.importorskip("tensorboardX")
     cfg = tiny_config("train.tensorboard=true", "train.steps=2", "train.eval_every=1", "model.n_streams=2",
@@ -543,7 +514,7 @@ def test_metrics_tensorboard_and_plot(tmp_path):
     assert len(train[0]["expert_load"]) == 2 and sum(train[0]["expert_load"][0]) == 2 * 32
     assert 0 <= train[0]["data_wait_frac"] < 1 and train[1]["tokens"] == 2 * 2 * 32
     assert [r["step"] for r in train_records(tmp_path, "val")] == [0, 1, 2]
-    tags = _event_tags(result["tensorboard"])
+    tags = set(tensorboard_scalars(result["tensorboard"]))
     assert set(TB_TAGS.values()) <= tags
     assert any(t.startswith("moe/expert_load/") for t in tags)
     assert result["plot"].read_bytes()[:4] == b"\x89PNG"
