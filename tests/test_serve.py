@@ -564,3 +564,41 @@ def test_command_line_model_that_fails_to_load_exits_2(tmp_path):
                            "--log-level", "critical"], capture_output=True, text=True, timeout=TIMEOUT,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 2 and "failed to load" in proc.stderr.strip().splitlines()[-1], proc.stderr
+
+
+# ------------------------------------------------------------------ arbitrary bodies
+def test_arbitrary_request_bodies_get_an_answer_and_the_server_lives(server):
+    """Property: any JSON object of known field names with values of any type gets either a
+    response or one OpenAI error body (never a 500, never a hang), and the server keeps serving."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    scalar = st.one_of(st.none(), st.booleans(), st.integers(-3, 40), st.integers(-2**70, 2**70),
+                       st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12))
+    value = st.recursive(scalar, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                          st.dictionaries(st.sampled_from(["role", "content",
+                                                                                           "include_usage", "type",
+                                                                                           "text"]), inner,
+                                                                          max_size=3)), max_leaves=8)
+    fields = ["prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n", "stream",
+              "logprobs", "top_logprobs", "echo", "repetition_penalty", "model", "stream_options", "ignore_eos",
+              "best_of", "presence_penalty", "suffix"]
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+           st.dictionaries(st.sampled_from(fields), value, max_size=6))
+    def check(path, body):
+        if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 40:
+            body["max_tokens"] = 40  # keep generations short; the bound itself is tested elsewhere
+        r = post(server, path, json.dumps(body, allow_nan=True).encode())
+        assert r.status_code in (200, 400, 404, 413, 422), (r.status_code, r.text[:300])
+        if r.status_code != 200:
+            message = r.json()["error"]["message"]
+            assert message and "\n" not in message
+        elif body.get("stream") is True:
+            assert r.text.endswith("data: [DONE]\n\n")
+        else:
+            assert r.json()["usage"]["total_tokens"] >= 0
+
+    check()
+    assert httpx.get(server.url + "/health", timeout=TIMEOUT).status_code == 200
