@@ -113,13 +113,20 @@ class LoadBalanceLoss(Function):
     ``f_e`` is the fraction of token-slots routed to expert ``e`` (a constant), ``P_e`` the
     mean over tokens of the full softmax over all experts (differentiable). With k slots per
     token ``sum_e f_e = 1``, so perfectly balanced routing with uniform probabilities gives 1.
+    ``counts`` (optional, [E]) replaces this batch's slot counts when computing ``f``: data
+    parallelism passes the counts summed over all ranks, so the mean over ranks of the loss and
+    of its gradient equals the loss of the whole global batch.
     """
 
     @staticmethod
-    def forward(ctx, logits, indices, n_experts=None):
+    def forward(ctx, logits, indices, n_experts=None, counts=None):
         xp = array_module(logits)
-        counts = xp.bincount(indices.reshape(-1), minlength=n_experts).astype(logits.dtype)
-        f = counts / max(indices.size, 1)
+        if counts is None:
+            counts = xp.bincount(indices.reshape(-1), minlength=n_experts).astype(logits.dtype)
+            f = counts / max(indices.size, 1)
+        else:
+            counts = xp.asarray(counts).astype(logits.dtype)
+            f = counts / max(float(counts.sum()), 1.0)
         p = _softmax_last(logits)
         scale = logits.dtype.type(n_experts)
         ctx.save(p, scale * f)
@@ -133,10 +140,12 @@ class LoadBalanceLoss(Function):
         return g_logits, None
 
 
-def load_balance_loss(logits, indices, n_experts):
+def load_balance_loss(logits, indices, n_experts, counts=None):
     """Switch-style load-balancing loss (a scalar Tensor), differentiable w.r.t. ``logits``.
 
-    ``logits`` float [T, E] with ``E == n_experts``; ``indices`` int [T, k] from ``topk_route``.
+    ``logits`` float [T, E] with ``E == n_experts``; ``indices`` int [T, k] from ``topk_route``;
+    ``counts``: token-slots per expert to take ``f`` from instead of ``indices`` (see
+    ``LoadBalanceLoss``).
     """
     data = _data(logits)
     _check_logits("load_balance_loss", data)
@@ -144,7 +153,9 @@ def load_balance_loss(logits, indices, n_experts):
         raise ValueError(f"load_balance_loss: logits have {data.shape[1]} experts but n_experts is {n_experts}")
     indices = _data(indices)
     _check_indices("load_balance_loss", indices, data.shape[0], n_experts)
-    return LoadBalanceLoss.apply(logits, indices, n_experts=int(n_experts))
+    if counts is not None and tuple(np.shape(counts)) != (n_experts,):
+        raise ValueError(f"load_balance_loss: counts must have shape ({n_experts},), got {tuple(np.shape(counts))}")
+    return LoadBalanceLoss.apply(logits, indices, n_experts=int(n_experts), counts=counts)
 
 
 # --- dispatch and combine -----------------------------------------------------------------

@@ -94,3 +94,31 @@ def test_single_process_communicator_is_the_identity():
     assert c.gather_arrays({"a": np.ones(2)})["a"].tolist() == [1.0, 1.0]
     assert distributed.agree_on_failure(c, None) == (None, False)
     assert distributed.agree_on_failure(c, ValueError("bad key")) == ("error: bad key", True)
+
+
+def test_load_balance_loss_with_global_counts_averages_to_the_global_loss():
+    """The identity behind data-parallel MoE: with the expert counts of the whole batch, the mean
+    over ranks of each rank's load-balancing loss (and gradient) is the whole batch's."""
+    from reference.autograd import Tensor
+    from reference.moe import load_balance_loss, topk_route
+
+    rng = np.random.default_rng(3)
+    logits = rng.standard_normal((8, 4))
+    _, indices = topk_route(logits, 2)
+    whole = Tensor(logits.copy(), requires_grad=True)
+    ref = load_balance_loss(whole, indices, 4)
+    ref.backward()
+    counts = np.bincount(np.asarray(indices).reshape(-1), minlength=4)
+    same = load_balance_loss(logits, indices, 4, counts=counts)
+    assert same.item() == pytest.approx(ref.item(), rel=1e-15)
+    total, grads = 0.0, []
+    for part in (slice(0, 4), slice(4, 8)):
+        t = Tensor(logits[part].copy(), requires_grad=True)
+        loss = load_balance_loss(t, indices[part], 4, counts=counts)
+        (loss * 0.5).backward()
+        total += 0.5 * loss.item()
+        grads.append(t.grad)
+    assert total == pytest.approx(ref.item(), rel=1e-12)
+    np.testing.assert_allclose(np.concatenate(grads), whole.grad, rtol=1e-12, atol=1e-15)
+    with pytest.raises(ValueError, match="counts must have shape"):
+        load_balance_loss(logits, indices, 4, counts=np.ones(3))

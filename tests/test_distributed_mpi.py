@@ -165,6 +165,17 @@ def test_a_failing_rank_stops_every_rank_with_one_error_line(tmp_path):
     assert lines == ["error: rank 1 of 2: injected failure at step 2"], err[-2000:]
 
 
+def test_a_killed_rank_stops_every_rank(tmp_path):
+    spec = dict(overrides=TINY + ["train.batch_size=2"], steps=10, fail_rank=1, fail_step=2, fail_kill=True,
+                out_dir=str(tmp_path / "killed"))
+    path = tmp_path / "killed.spec.json"
+    path.write_text(json.dumps(spec))
+    started = time.monotonic()
+    rc, out, err = _run([MPIEXEC, "-n", "2", sys.executable, str(WORKER), str(path)], timeout=90)
+    assert rc != 0
+    assert time.monotonic() - started < 90
+
+
 def _token_file(tmp_path):
     rng = np.random.default_rng(0)
     tokens = np.tile(np.arange(0, 300, 7), 500)
@@ -223,3 +234,26 @@ def test_ctrl_c_saves_once_and_stops_every_rank(tmp_path):
     assert len(ckpts) == 1
     state = json.loads((ckpts[0] / "state.json").read_text())
     assert state["step"] >= 1
+
+
+FEATURES = ["model.n_layers=3", "model.n_streams=2", "model.mtp_n_tokens=2", "train.collider_sparsity=0.35",
+            "model.deltanet_ratio=0.34"]
+
+
+def test_features_match_one_process(tmp_path):
+    """mHC streams, multi-token prediction, Collider and a DeltaNet block: 2 ranks == 1 rank."""
+    base = TINY + F64 + FEATURES
+    one = run_ranks(1, tmp_path, "one", overrides=base + ["train.batch_size=4"], steps=4)
+    two = run_ranks(2, tmp_path, "two", overrides=base + ["train.batch_size=2"], steps=4)
+    assert_replicas_identical(two)
+    assert max_rel(one, two, "loss") <= 1e-10
+
+
+def test_moe_matches_one_process(tmp_path):
+    """MoE: the load-balancing loss takes the expert fractions of the global batch (counts summed
+    over ranks), so 2 ranks == 1 rank here too, and the expert loads logged are global."""
+    base = TINY + F64 + ["model.n_experts=4", "model.moe_top_k=2"]
+    one = run_ranks(1, tmp_path, "one", overrides=base + ["train.batch_size=4"], steps=4)
+    two = run_ranks(2, tmp_path, "two", overrides=base + ["train.batch_size=2"], steps=4)
+    assert_replicas_identical(two)
+    assert max_rel(one, two, "loss") <= 1e-10

@@ -295,7 +295,8 @@ def plan_ownership(names, shapes, slots, size):
     ``slots[name] = (optimizer, index)`` (absent for parameters no optimizer steps). Muon and
     GaLore matrices stay whole. An AdamW/Lion tensor holding more than a quarter of an even
     share of the state is split into ``min(size, rows)`` row blocks, block ``j`` on rank ``j``;
-    every other tensor goes whole to the least-loaded rank, largest first (``assign_owners``).
+    every other tensor goes whole to the least-loaded rank, largest first (the rule of
+    ``assign_owners``, starting from the split blocks' loads).
     """
     costs = {n: (state_bytes_of(*slots[n]) if n in slots else 0) for n in names}
     share = sum(costs.values()) / size
@@ -368,6 +369,7 @@ class DataParallel:
         self.pbuf = xp.empty(self.numel, dtype=self.dtype)
         self.gbuf = xp.empty(self.numel, dtype=self.dtype)
         self.comm_seconds = 0.0  # collective time of the current step
+        self.comm_seconds_forward = 0.0  # collectives inside the forward (MoE expert counts)
         self.stop_flag = StopFlag()
         self._sharded = False
         self.bind_params()
@@ -487,7 +489,8 @@ class DataParallel:
             seg *= scale
         for j, n in enumerate(self.names):
             params[n].grad = self.view(self.gbuf, n) if (self.owns[n] and any_grad[j]) else None
-        self.comm_seconds = time.perf_counter() - t0
+        self.comm_seconds = time.perf_counter() - t0 + self.comm_seconds_forward
+        self.comm_seconds_forward = 0.0
         return record
 
     def clip_by_global_norm(self, max_norm):
@@ -524,6 +527,19 @@ class DataParallel:
         handles = [self.comm.bcast(self.pbuf[start:stop], root) for start, stop, root in self.buckets]
         self.comm.wait_all(handles)
         self.comm_seconds += time.perf_counter() - t0
+
+    def global_expert_counts(self, indices, n_experts):
+        """MoE: token-slots per expert summed over all ranks (a small blocking collective per MoE
+        layer and micro-batch), for the load-balancing loss of the global batch."""
+        xp = self.be.xp
+        local = np.bincount(np.asarray(self.be.to_numpy(indices)).reshape(-1), minlength=n_experts)
+        t0 = time.perf_counter()
+        rows = self.comm.allgather_values(local.astype(np.float64))
+        self.comm_seconds_forward += time.perf_counter() - t0
+        total = rows[0].copy()
+        for row in rows[1:]:
+            total += row
+        return xp.asarray(total)
 
     def mean_over_rows(self, losses, rows):
         """Validation: per-batch means weighted by each rank's rows, then the mean over batches

@@ -53,10 +53,13 @@ class LossResult:
         return [self.be.to_numpy(self.be.expert_load(ind, self.n_experts)) for ind in self.expert_indices]
 
 
-def compute_loss(model, tokens, collider_sparsity=0.0, need_token_losses=False, with_mtp=True) -> LossResult:
+def compute_loss(model, tokens, collider_sparsity=0.0, need_token_losses=False, with_mtp=True,
+                 moe_counts=None) -> LossResult:
     """``tokens`` int [B, T+1] windows -> ``LossResult`` (loss over all T positions).
 
     ``with_mtp=False`` skips the MTP heads (validation reports the main loss only).
+    ``moe_counts``: data parallelism's ``indices -> token-slots per expert over all ranks``, so the
+    load-balancing loss uses the global batch's expert fractions (nanochat/train/distributed.py).
     """
     be, c, xp = model.be, model.cfg, model.be.xp
     tokens = xp.asarray(tokens)
@@ -89,7 +92,8 @@ def compute_loss(model, tokens, collider_sparsity=0.0, need_token_losses=False, 
         loss = loss + mtp_loss * c.mtp_weight
     aux = None
     for router_logits, indices in out.moe:
-        term = be.load_balance_loss(router_logits, indices, c.n_experts)
+        counts = None if moe_counts is None else moe_counts(indices, c.n_experts)
+        term = be.load_balance_loss(router_logits, indices, c.n_experts, counts=counts)
         aux = term if aux is None else aux + term
     if aux is not None:
         loss = loss + aux * c.moe_aux_loss_weight

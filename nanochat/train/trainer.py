@@ -308,7 +308,8 @@ class Trainer:
             t0 = time.perf_counter()
             batch = next(loader)
             t1 = time.perf_counter()
-            res = compute_loss(model, batch, collider_sparsity=cfg.train.collider_sparsity)
+            res = compute_loss(model, batch, collider_sparsity=cfg.train.collider_sparsity,
+                               moe_counts=None if self.dist is None else self.dist.global_expert_counts)
             be.synchronize()
             t2 = time.perf_counter()
             (res.loss * (1.0 / accum)).backward()
