@@ -9,12 +9,12 @@ from nanochat.data import corpus as data_mod
 from nanochat.data.corpus import (
     VAL_FRACTION,
     discover_corpus,
-    load_token_file,
     path_hash_fraction,
     prepare_data,
     split_names,
     split_text,
 )
+from nanochat.data.tokenfile import load_token_file
 from nanochat.data.tokenizer import EOT, Tokenizer, load_or_train, resolve_cache_dir
 
 PY_SNIPPETS = [

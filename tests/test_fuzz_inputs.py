@@ -96,7 +96,7 @@ SIDECAR = st.one_of(
 @FUZZ
 @given(tokens=st.binary(max_size=512), sidecar=st.none() | SIDECAR, val=st.floats(0, 1))
 def test_fuzz_token_files(tmp_path, tokens, sidecar, val):
-    from nanochat.data.corpus import load_token_file
+    from nanochat.data.tokenfile import load_token_file
 
     (tmp_path / "t.bin").write_bytes(tokens)
     side = tmp_path / "t.json"

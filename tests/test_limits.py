@@ -108,7 +108,7 @@ def test_the_vocab_bound_protects_the_tokenizer_trainer(tmp_path):
 
 @pytest.mark.parametrize("declared", [2**32, 2**21, 2**40])
 def test_a_sidecar_declaring_a_huge_vocabulary_is_refused(tmp_path, declared):
-    from nanochat.data.corpus import load_token_file
+    from nanochat.data.tokenfile import load_token_file
 
     np.arange(100, dtype="<u4").tofile(tmp_path / "t.bin")
     (tmp_path / "t.json").write_text(f'{{"vocab_size": {declared}, "dtype": "uint32"}}')
@@ -117,7 +117,7 @@ def test_a_sidecar_declaring_a_huge_vocabulary_is_refused(tmp_path, declared):
 
 
 def test_sidecar_size_nesting_and_kind(tmp_path):
-    from nanochat.data.corpus import load_token_file
+    from nanochat.data.tokenfile import load_token_file
 
     np.arange(100, dtype="<u2").tofile(tmp_path / "t.bin")
     side = tmp_path / "t.json"
