@@ -122,3 +122,16 @@ def test_load_balance_loss_with_global_counts_averages_to_the_global_loss():
     np.testing.assert_allclose(np.concatenate(grads), whole.grad, rtol=1e-12, atol=1e-15)
     with pytest.raises(ValueError, match="counts must have shape"):
         load_balance_loss(logits, indices, 4, counts=np.ones(3))
+
+
+def test_nproc_without_mpi_is_one_error_line(monkeypatch, capsys):
+    from nanochat.train import trainer
+
+    def missing():
+        raise RuntimeError("--nproc needs an MPI launcher: pip install -e '.[mpi]' (mpi4py and the mpich wheel)")
+
+    monkeypatch.setattr(distributed, "mpiexec_path", missing)
+    monkeypatch.delenv("PMI_SIZE", raising=False)
+    assert trainer.main(["--nproc", "2", "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --nproc needs an MPI launcher: pip install -e '.[mpi]' (mpi4py and the mpich wheel)"]

@@ -641,7 +641,11 @@ def main(argv=None):
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if nproc is not None and nproc > 1 and not distributed.launched_by_mpi():
-        return distributed.launch(nproc, argv)
+        try:
+            return distributed.launch(nproc, argv)
+        except (RuntimeError, OSError) as exc:  # no MPI installed, launcher not runnable
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     args = parse_args(argv)
     comm = distributed.communicator()
     if comm.size > 1:
