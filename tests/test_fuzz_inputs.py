@@ -133,7 +133,7 @@ ENTRY_POINTS = {
     "eval": ("nanochat.cli.eval", ["--model", "--data", "--max-batches", "--batch-size", "--seq-len", "--backend"]),
     "export": ("nanochat.cli.export", ["--out", "--arch", "--mhc", "--name", "--bogus"]),
     "train": ("nanochat.train.trainer", ["--config", "--backend", "--data", "--steps", "--set", "--resume", "--out"]),
-    "config": ("nanochat.config", ["--set", "--bogus"]),
+    "config": ("nanochat.cli.config", ["--set", "--bogus"]),
 }
 
 

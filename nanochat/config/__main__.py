@@ -1,0 +1,5 @@
+import sys
+
+from nanochat.cli.config import main
+
+sys.exit(main())
