@@ -5,7 +5,7 @@ backend. Runs alternate (A B A B ...) so load from other processes hits both ali
 gives medians of the runs' steady-state numbers from ``metrics.jsonl`` (the first logged window,
 which includes numba compilation, is dropped).
 
-    .venv/bin/python benchmarks/distributed/bench_tiny.py --steps 40 --reps 3 --out benchmarks/distributed/tiny.json
+    .venv/bin/python benchmarks/distributed/bench_tiny.py --steps 15 --reps 2 --out benchmarks/distributed/tiny_bench.json
 """
 from __future__ import annotations
 
