@@ -116,10 +116,10 @@ def test_greedy_inside_a_batch_of_8_concurrent_requests_equals_engine(server, cl
         got = list(pool.map(one, PROMPTS, timeout=2 * TIMEOUT))
     assert got == want
     after = _batch_histogram(server)
-    # the steps really were batched: most decode steps of this test ran more than one sequence
+    # the requests really were decoded together: some decode steps ran more than 4 sequences
     steps = after["+Inf"] - before["+Inf"]
-    singles = after["1.0"] - before["1.0"]
-    assert steps > 0 and singles < steps / 2, (steps, singles)
+    up_to_4 = after["4.0"] - before["4.0"]
+    assert steps > up_to_4, (steps, up_to_4)
 
 
 def test_batched_decode_logits_match_one_at_a_time_within_the_documented_tolerance(ref):
