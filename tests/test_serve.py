@@ -602,3 +602,44 @@ def test_arbitrary_request_bodies_get_an_answer_and_the_server_lives(server):
 
     check()
     assert httpx.get(server.url + "/health", timeout=TIMEOUT).status_code == 200
+
+
+def test_scheduler_greedy_equals_engine_on_a_deltanet_moe_mhc_model():
+    """The scheduler on a hybrid (Gated DeltaNet block, MoE, 2 mHC streams): jobs decoded
+    together, one prompt longer than a prefill chunk and than a DeltaNet snapshot interval,
+    give the engine's greedy tokens."""
+    from nanochat.config import load_config
+    from nanochat.infer.engine import Engine, SamplingParams, random_model
+    from nanochat.serve.scheduler import DoneEvent, Job, Scheduler, TokenEvent
+
+    import serve_helpers
+
+    cfg = load_config("tiny", serve_helpers.CONFIG + ["n_layers=3", "deltanet_layers=[1]", "n_experts=4",
+                                                     "moe_top_k=2", "n_streams=2"])
+    loaded = random_model(cfg, 1)
+    loaded.tokenizer_json = serve_helpers.tokenizer_json()
+    engine, ref = Engine(loaded, BACKEND), Engine(loaded, BACKEND)
+    rng = np.random.default_rng(2)
+    prompts = [list(rng.integers(1, 300, n)) for n in (3, 17, 90, 40)]
+    greedy_params = SamplingParams(temperature=0)
+    want = [list(ref.generate_ids(p, 30, greedy_params, stop_ids=[ref.tokenizer.eot_id],
+                                  vocab_limit=ref.tokenizer.vocab_size)) for p in prompts]
+    got, done = {i: [] for i in range(len(prompts))}, []
+
+    def sink(ev):  # called by the scheduler thread
+        if isinstance(ev, TokenEvent):
+            got[ev.index].append(ev.token_id)
+        elif isinstance(ev, DoneEvent):
+            done.append(ev.index)
+
+    sched = Scheduler(engine, max_batch=4, prefill_chunk=32)
+    sched.start()
+    try:
+        sched.submit([Job(p, 30, greedy_params, sink, index=i) for i, p in enumerate(prompts)])
+        deadline = time.monotonic() + TIMEOUT
+        while len(done) < len(prompts) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        sched.stop()
+    assert sorted(done) == list(range(len(prompts)))
+    assert [got[i] for i in range(len(prompts))] == want

@@ -243,7 +243,7 @@ class Scheduler:
             if a.job.cancelled or a.feed is not None or a.t_first is not None:
                 continue
             if a.seq is None:
-                a.seq = eng.new_sequence()
+                a.seq = eng.new_sequence(record=False)  # never rewound: no DeltaNet replay inputs kept
             try:
                 budget -= self._prefill(a, budget)
             except Exception as exc:
