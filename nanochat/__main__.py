@@ -1,4 +1,4 @@
-from nanochat.train.trainer import main
+from nanochat.cli.train import main
 import sys
 
 sys.exit(main())

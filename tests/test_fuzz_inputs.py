@@ -132,7 +132,7 @@ ENTRY_POINTS = {
                                            "--repetition-penalty", "--seed", "--stop", "--backend", "--bogus"]),
     "eval": ("nanochat.cli.eval", ["--model", "--data", "--max-batches", "--batch-size", "--seq-len", "--backend"]),
     "export": ("nanochat.cli.export", ["--out", "--arch", "--mhc", "--name", "--bogus"]),
-    "train": ("nanochat.train.trainer", ["--config", "--backend", "--data", "--steps", "--set", "--resume", "--out"]),
+    "train": ("nanochat.cli.train", ["--config", "--backend", "--data", "--steps", "--set", "--resume", "--out"]),
     "config": ("nanochat.cli.config", ["--set", "--bogus"]),
 }
 

@@ -10,7 +10,7 @@ import pytest
 
 from nanochat.config import load_config
 from nanochat.train.metrics import read_metrics
-from nanochat.train.trainer import main
+from nanochat.cli.train import main
 
 pytestmark = pytest.mark.trainer
 

@@ -13,7 +13,8 @@ from nanochat.config import load_config
 from nanochat.io.checkpoint import load_checkpoint
 from nanochat.train.metrics import read_metrics
 from nanochat.train.schedule import decay_start, resumed_schedule, trained_schedule_steps
-from nanochat.train.trainer import lr_multiplier, main
+from nanochat.cli.train import main
+from nanochat.train.trainer import lr_multiplier
 
 pytestmark = pytest.mark.trainer
 

@@ -14,7 +14,9 @@ from nanochat.config import load_config
 from nanochat.train import metrics
 from nanochat.train import trainer as trainer_module
 from nanochat.train.metrics import read_metrics, run_title, tensorboard_hint
-from nanochat.train.trainer import Trainer, main
+from nanochat.cli import train as train_cli
+from nanochat.cli.train import main
+from nanochat.train.trainer import Trainer
 from run_helpers import tensorboard_scalars
 
 pytestmark = pytest.mark.trainer
@@ -60,6 +62,7 @@ def test_training_and_train_plot_draw_the_same_title(tmp_path, monkeypatch):
         return real(metrics_path, png_path, title=title)
 
     monkeypatch.setattr(trainer_module, "plot_losses", spy)
+    monkeypatch.setattr(train_cli, "plot_losses", spy)
     run = tmp_path / "my-run"
     cfg = load_config("tiny", SHAPE + ["train.tensorboard=false"])
     result = Trainer(cfg, out_dir=run, progress=False, data=_data()).train()

@@ -21,7 +21,8 @@ from nanochat.model.gpt import Model
 from nanochat.train.sample import generate, sample_next
 from nanochat.train import trainer as trainer_module
 from nanochat.train.losses import compute_loss
-from nanochat.train.trainer import Trainer, TrainingError, main
+from nanochat.cli.train import main
+from nanochat.train.trainer import Trainer, TrainingError
 
 pytestmark = pytest.mark.trainer
 

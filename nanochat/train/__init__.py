@@ -1,4 +1,4 @@
 """Training: the trainer loop, its losses, metrics and the sampler it shows progress with.
 
-``python -m nanochat.train`` runs ``nanochat.train.trainer.main``.
+``python -m nanochat.train`` runs ``nanochat.cli.train.main``.
 """

@@ -1,5 +1,5 @@
 import sys
 
-from nanochat.train.trainer import main
+from nanochat.cli.train import main
 
 sys.exit(main())
