@@ -265,3 +265,26 @@ def start_training(backend, write=print):
     described = apply_thread_policy()
     compile_notice(backend, write)
     return described
+
+
+_CONTROLLER = None
+
+
+def blas_limited(n=1):
+    """A context manager holding the BLAS/OpenMP pools at ``n`` threads while it is open.
+
+    The inference engine's BLAS calls are small (the LM head's one-row product, float64
+    attention over one query): waking a BLAS pool costs more than it saves, and its spinning
+    workers compete with numba's for the same cores (the tiny decode step went from 17 to 10 ms with
+    one BLAS thread on the busy 2-core machine, 2026-12-03). Entering costs tens of microseconds (one ``threadpoolctl`` controller, made once)."""
+    global _CONTROLLER
+    import contextlib
+
+    try:
+        if _CONTROLLER is None:
+            from threadpoolctl import ThreadpoolController
+
+            _CONTROLLER = ThreadpoolController()
+        return _CONTROLLER.limit(limits=n, user_api="blas")
+    except Exception:  # threadpoolctl missing or no BLAS found: nothing to limit
+        return contextlib.nullcontext()

@@ -30,6 +30,7 @@ from typing import Iterator
 
 import numpy as np
 
+from backends.threads import blas_limited
 from reference.autograd import no_grad
 from nanochat.infer.sampling import (SamplingParams, apply_repetition_penalty, limit_vocab, next_token_distribution,
                                      sample_next)
@@ -295,7 +296,7 @@ class Engine:
         every chunk (speculative decoding drafts from them)."""
         b, t = idx.shape
         out, start = [], 0
-        with no_grad():
+        with no_grad(), blas_limited(1):
             while start < t:
                 n = min(t - start, self.prefill_chunk(max(c.position for c in caches) + t))
                 last = not all_logits and start + n == t

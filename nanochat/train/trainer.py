@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import backends
+from backends import threads
 from reference.autograd import no_grad
 from reference import optim as ref_optim
 
@@ -384,6 +385,7 @@ class Trainer:
 
     def train_step(self, loader):
         """One optimizer step (``accumulate_gradients`` then ``apply_update``); returns its metrics."""
+        threads.adapt_threads()  # numba and BLAS pools sized to the cores other processes leave (backends/threads.py)
         t_start = time.perf_counter()
         record = self.apply_update(self.accumulate_gradients(loader))
         record["times"].total = time.perf_counter() - t_start
@@ -436,6 +438,7 @@ class Trainer:
         try:
             try:
                 loader = self._make_loader()
+                threads.start_training(self.be, bar.write)  # thread policy; "compiling kernels, first run only"
                 if self.state.step == 0 and not self.state.history:
                     e0 = time.perf_counter()
                     v0 = self.evaluate()

@@ -1,0 +1,80 @@
+"""Where a decode step's time goes: per-op profile of the engine on a random-weight preset shape.
+
+    .venv/bin/python scripts/profile_decode.py [--config nano_125m] [--threads 2] [--steps 40] [--head float32]
+
+Runs ``--steps`` single-token decode steps (after a 16-token prompt and a warm-up) under
+cProfile and prints the step time without the profiler, then the time per step of each op
+group: the packed ternary products, the LM head, activation quantization, attention, RMSNorm,
+RoPE, the rest of the backend ops, and the Python around them (the step time the groups do not
+explain). Not a test; the numbers of docs/decode_profile.md come from it.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import numpy as np
+
+GROUPS = (  # (label, substrings of "file:function" that belong to it), first match wins
+    ("packed ternary GEMV/GEMM", ("packed_x86.py:gemv", "packed_x86.py:gemm", "packed_plain.py:gemm")),
+    ("LM head", ("gpt.py:head", "int8.py:_int8_rows", "int8.py:int8_linear")),
+    ("activation quantization", ("quant.py:quantize_acts", "quant.py:_quantize_acts")),
+    ("attention (float64 core)", ("nn.py:forward", "nn.py:attention")),
+    ("RMSNorm", ("nn.py:_rmsnorm", "nn.py:rmsnorm")),
+    ("RoPE", ("nn.py:rope_rotate", "nn.py:_rope_rotate", "nn.py:rope_tables")),
+)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="nano_125m")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--head", default="float32", choices=["float32", "int8"])
+    args = p.parse_args(argv)
+    import numba
+
+    from nanochat.config import load_config
+    from nanochat.infer.engine import Engine, random_model
+
+    numba.set_num_threads(args.threads)
+    cfg = load_config(args.config)
+    engine = Engine(random_model(cfg), "numba", head=args.head)
+    seq = engine.new_sequence()
+    engine.prefill(seq, list(np.random.default_rng(1).integers(0, cfg.model.vocab_size, 16)))
+    for _ in range(5):
+        engine.decode([seq], [1])
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        engine.decode([seq], [1])
+    step = (time.perf_counter() - t0) / args.steps
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(args.steps):
+        engine.decode([seq], [1])
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    total_prof = sum(tt for (_, _, tt, _, _) in stats.values())
+    groups = {label: 0.0 for label, _ in GROUPS}
+    for (file, _, fn), (_, _, tt, _, _) in stats.items():
+        key = f"{file.rsplit('/', 1)[-1]}:{fn}"
+        for label, needles in GROUPS:
+            if any(key.startswith(n) for n in needles):
+                groups[label] += tt
+                break
+    scale = step / (total_prof / args.steps)  # profiler overhead: report shares of the unprofiled step
+    print(f"{args.config}, {args.threads} thread(s), {args.head} head: {step * 1e3:.2f} ms per decode step "
+          f"({1 / step:.1f} tokens/s)")
+    explained = 0.0
+    for label, tt in groups.items():
+        ms = tt / args.steps * scale * 1e3
+        explained += ms
+        print(f"  {label:28s} {ms:7.2f} ms  {ms / (step * 1e3):6.1%}")
+    rest = step * 1e3 - explained
+    print(f"  {'other ops + Python':28s} {rest:7.2f} ms  {rest / (step * 1e3):6.1%}")
+
+
+if __name__ == "__main__":
+    main()
