@@ -420,7 +420,7 @@ def test_bad_input_is_a_clear_value_error(name):
 def test_ops_table_lists_every_ternary_op():
     assert set(T.OPS) == {
         "round_half_away", "quantize_weights", "quantize_acts", "dequantize_weights", "ternary_linear", "dense_linear",
-        "pack_ternary", "unpack_ternary", "prepare_packed", "packed_gemv", "packed_gemm",
+        "pack_ternary", "unpack_ternary", "prepare_packed", "packed_gemv", "packed_gemm", "int8_linear",
     }
 
 
@@ -464,3 +464,30 @@ def test_dense_linear_keep_is_exact_when_dropped_rows_have_zero_gradient():
 def test_dense_linear_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="dense_linear: expected x"):
         T.dense_linear(normal(1, (3, 4)), normal(2, (2, 5)))
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "numba"])
+def test_training_forward_uses_the_export_quantizer_exactly(backend_name):
+    """The weights the training forward multiplies by (seen through the STE gradient of x with
+    dY = I) are bit for bit the reference quantizer's q * s, which export writes: one weight
+    quantizer per backend, so no group (fp16 rounding ties, wide dynamic range, dead groups) can
+    get a different scale in training than at export."""
+    import backends
+    from reference.autograd import Tensor
+
+    be = backends.get_backend(backend_name)
+    rng = np.random.default_rng(11)
+    g, m = 64, 12
+    w = rng.standard_normal((m, 4 * g)).astype(np.float32)
+    tie = (1000.0 + 1000.5) / 2  # an fp16 rounding tie for the group mean
+    w[0, :g] = np.float32(tie)
+    w[0, 0] = np.float32(tie + 2 ** -13)
+    w[1, :g] = 2.0 ** rng.integers(-40, 10, g) * rng.choice([-1, 1], g)  # wide dynamic range
+    w[2, g:2 * g] = 1e-12  # a dead group (mean below the zero threshold)
+    w[3] *= 1e4
+    x = Tensor(rng.standard_normal((m, 4 * g)).astype(np.float32), requires_grad=True)
+    y = be.ternary_linear(x, Tensor(w), g)
+    y.backward(np.eye(m, dtype=np.float32))
+    q, s = T.quantize_weights(w, g)
+    want = T.dequantize_weights(q, s, g).astype(np.float32)
+    assert np.array_equal(be.to_numpy(x.grad), want)

@@ -31,156 +31,33 @@ from reference.autograd import Function, data_of
 
 from . import packed as _packed
 from . import quant as _quant
-from .nn import _f32_from_bits, _is_f32
+from .nn import _is_f32
 
 _KERNEL = dict(cache=True, fastmath=False, error_model="numpy")
 # Bytes of one group's product block P_g ([rows, M] float32). Whole-matrix products beat
 # cache-sized row blocks here: every extra sgemm/numba hand-off costs a thread-pool sync.
 _BLOCK_BYTES = 32 << 20
-_ABS_MASK = np.int32(0x7FFFFFFF)
-_INF_BITS = np.int32(0x7F800000)
 
 
 # --- quantizers (same numbers as reference.ternary, fused with what the products need) ----
 
 
-@njit(parallel=True, **_KERNEL)
-def _quantize_act_rows(x, bits, zero_threshold, xq, sx):
-    """Per row: s = max|x| / 127 and xq = clip(round_half_away(x / s), -127, 127) as float32.
-
-    ``bits`` is ``x`` viewed as int32: for non-negative floats (and NaN above +inf) the bit
-    patterns order like the values, so max|x| is an integer max that vectorises.
-    Dead rows (max|x| < threshold) get q = 0, s = 0; rows with NaN/Inf get q = 0, s = NaN.
-    """
-    n, k = x.shape
-    levels = np.float32(127.0)
-    half = np.float32(0.5)
-    for t in prange(n):
-        top = np.int32(0)
-        for j in range(k):
-            b = np.int32(bits[t, j] & _ABS_MASK)
-            top = b if b > top else top
-        a = _f32_from_bits(top)
-        s = a / levels
-        if top >= _INF_BITS:
-            sx[t] = np.float32(np.nan)
-            xq[t, :] = 0
-        elif a < zero_threshold:
-            sx[t] = 0
-            xq[t, :] = 0
-        else:
-            sx[t] = s
-            for j in range(k):
-                v = x[t, j] / s
-                av = abs(v)
-                whole = np.floor(av)
-                r = whole + (np.float32(1.0) if av - whole >= half else np.float32(0.0))
-                r = min(r, levels)
-                xq[t, j] = r if v >= 0 else -r
-
-
-@njit(parallel=True, **_KERNEL)
-def _quantize_act_rows_both(x, bits, zero_threshold, xq, sx, q8):
-    """``_quantize_act_rows`` that also writes the codes as int8 (``q8``) for the packed kernel."""
-    n, k = x.shape
-    levels = np.float32(127.0)
-    half = np.float32(0.5)
-    for t in prange(n):
-        top = np.int32(0)
-        for j in range(k):
-            b = np.int32(bits[t, j] & _ABS_MASK)
-            top = b if b > top else top
-        a = _f32_from_bits(top)
-        s = a / levels
-        if top >= _INF_BITS or a < zero_threshold:
-            sx[t] = np.float32(np.nan) if top >= _INF_BITS else np.float32(0.0)
-            xq[t, :] = 0
-            q8[t, :] = 0
-        else:
-            sx[t] = s
-            for j in range(k):
-                v = x[t, j] / s
-                av = abs(v)
-                whole = np.floor(av)
-                r = whole + (np.float32(1.0) if av - whole >= half else np.float32(0.0))
-                r = min(r, levels)
-                r = r if v >= 0 else -r
-                xq[t, j] = r
-                q8[t, j] = np.int8(r)
-
-
-@njit(parallel=True, **_KERNEL)
-def _group_abs_mean(w, group_size, mean):
-    """mean[r, g] = sum |w[r, g*G:(g+1)*G]| / G, summed in float64 (over 4 lanes)."""
-    m, k = w.shape
-    groups = k // group_size
-    for r in prange(m):
-        for g in range(groups):
-            lo = g * group_size
-            n4 = group_size - group_size % 4
-            a0 = a1 = a2 = a3 = 0.0
-            for j in range(lo, lo + n4, 4):
-                a0 += abs(np.float64(w[r, j])); a1 += abs(np.float64(w[r, j + 1]))
-                a2 += abs(np.float64(w[r, j + 2])); a3 += abs(np.float64(w[r, j + 3]))
-            for j in range(lo + n4, lo + group_size):
-                a0 += abs(np.float64(w[r, j]))
-            mean[r, g] = ((a0 + a1) + (a2 + a3)) / group_size
-
-
-@njit(parallel=True, **_KERNEL)
-def _ternarize(w, s, live, group_size, wq, wd):
-    """wq = clip(round_half_away(w / s), -1, 1) (as float32), wd = wq * s; dead groups -> 0."""
-    m, k = w.shape
-    half = np.float32(0.5)
-    one = np.float32(1.0)
-    zero = np.float32(0.0)
-    for r in prange(m):
-        for g in range(k // group_size):
-            lo = g * group_size
-            sg = s[r, g]
-            if live[r, g]:
-                for j in range(lo, lo + group_size):
-                    v = w[r, j] / sg
-                    q = (one if v > 0 else -one) if abs(v) >= half else zero
-                    wq[r, j] = q
-                    wd[r, j] = q * sg
-            else:
-                for j in range(lo, lo + group_size):
-                    wq[r, j] = zero
-                    wd[r, j] = zero * sg  # NaN for a group holding NaN/Inf, as q * s in the reference
-
-
 def _quantize_acts(x2):
-    """(xq float32 integer-valued [N, K], sx float32 [N]) with reference.quantize_acts' numbers."""
-    n, k = x2.shape
-    xq = np.empty((n, k), np.float32)
-    sx = np.empty(n, np.float32)
-    if k == 0:
-        xq[:] = 0
-        sx[:] = 0
-    elif n:
-        _quantize_act_rows(x2, x2.view(np.int32), np.float32(ref.ZERO_THRESHOLD), xq, sx)
-    return xq, sx
+    """(xq int8 [N, K], xq as float32 [N, K], sx float32 [N]) from the backend's one activation
+    quantizer (``quant.quantize_acts``, bit-identical to the reference)."""
+    qx, sx = _quant.quantize_acts(x2)
+    return qx, qx.astype(np.float32), sx
 
 
 def _quantize_weights(w, group_size):
-    """(wq float32 trits [M, K], wd = wq * s float32 [M, K], s [M, K/G]) as in reference.quantize_weights."""
+    """(wq float32 trits [M, K], wd = wq * s float32 [M, K], s [M, K/G]) from the backend's one
+    weight quantizer (``quant.quantize_weights``, bit-identical to the reference): training's
+    forward uses exactly the trits and scales that export and inference use."""
     m, k = w.shape
-    groups = k // group_size
-    mean = np.empty((m, groups), np.float64)
-    if m and groups:
-        _group_abs_mean(w, group_size, mean)
-    # The float16 rounding of the small [M, K/G] means is the reference's own code path.
-    bad = ~(mean < ref.FP16_OVERFLOW)
-    s = np.where(bad, 0.0, mean).astype(np.float16).astype(np.float32)
-    zero = ~bad & ((mean < ref.ZERO_THRESHOLD) | (s == 0))
-    s[zero] = 0
-    live = ~(zero | bad)
-    s[bad] = np.nan
-    wq = np.empty((m, k), np.float32)
-    wd = np.empty((m, k), np.float32)
-    if wq.size:
-        _ternarize(w, s, live, group_size, wq, wd)
+    q, s = _quant.quantize_weights(w, group_size)
+    wq = q.astype(np.float32)
+    # A NaN/Inf group has q = 0 and s = NaN, so wd = 0 * NaN = NaN there, as q * s in the reference.
+    wd = (wq.reshape(m, k // group_size, group_size) * s[:, :, None]).reshape(m, k)
     return wq, wd, s
 
 
@@ -254,10 +131,7 @@ def _dequantize_groups(q, s, group_size, wd):
 def _packed_forward(x2, w, group_size):
     """(y [N, M], xq float32 [N, K], sx [N], wd [M, K]) with the forward on ``packed_gemm``."""
     n, k = x2.shape
-    xq = np.empty((n, k), np.float32)
-    qx = np.empty((n, k), np.int8)
-    sx = np.empty(n, np.float32)
-    _quantize_act_rows_both(x2, x2.view(np.int32), np.float32(ref.ZERO_THRESHOLD), xq, sx, qx)
+    qx, xq, sx = _quantize_acts(x2)
     qw, s = _quant.quantize_weights(w, group_size)
     handle = _packed.prepare_packed(_quant.pack_ternary(qw), s, group_size)
     y = _packed.packed_gemm(handle, qx, sx)
@@ -303,7 +177,7 @@ class TernaryLinear(Function):
         if _use_packed(n, m, k, group_size):
             y, xq, sx, wd = _packed_forward(x2, np.ascontiguousarray(w), group_size)
         else:
-            xq, sx = _quantize_acts(x2)
+            _, xq, sx = _quantize_acts(x2)
             wq, wd, s = _quantize_weights(np.ascontiguousarray(w), group_size)
             y = _grouped_forward(xq, sx, wq, s, group_size)
         ctx.save(xq, sx, wd, keep, x.shape)
