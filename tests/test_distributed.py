@@ -125,13 +125,13 @@ def test_load_balance_loss_with_global_counts_averages_to_the_global_loss():
 
 
 def test_nproc_without_mpi_is_one_error_line(monkeypatch, capsys):
-    from nanochat.train import trainer
+    from nanochat.cli import train as train_cli
 
     def missing():
         raise RuntimeError("--nproc needs an MPI launcher: pip install -e '.[mpi]' (mpi4py and the mpich wheel)")
 
     monkeypatch.setattr(distributed, "mpiexec_path", missing)
     monkeypatch.delenv("PMI_SIZE", raising=False)
-    assert trainer.main(["--nproc", "2", "--steps", "1"]) == 2
+    assert train_cli.main(["--nproc", "2", "--steps", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --nproc needs an MPI launcher: pip install -e '.[mpi]' (mpi4py and the mpich wheel)"]
