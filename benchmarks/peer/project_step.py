@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import math
 import os
 import sys
 import time
+from statistics import median
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,12 +62,6 @@ def load_api():
     except ImportError:
         compute_loss = None
     return load_config, Model, build_optimizers, lr_multiplier, compute_loss
-
-
-def median(xs):
-    s = sorted(xs)
-    n = len(s)
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
 def main(argv=None):

@@ -32,6 +32,7 @@ import math
 import resource
 import sys
 import time
+from statistics import median
 
 import torch
 import torch.nn.functional as F
@@ -172,12 +173,6 @@ def wsd(step, total, warmup=20, decay_frac=0.2, min_ratio=0.1):
         return warm
     t = min(1.0, (step - (total - d) + 1) / d)
     return min(warm, min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-
-
-def median(xs):
-    s = sorted(xs)
-    n = len(s)
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
 
 
 def main(argv=None):
