@@ -56,6 +56,17 @@ def check_group_size(op, k, group_size):
         raise ValueError(f"{op}: K = {k} is not divisible by group_size = {group_size}")
 
 
+def check_grouped_weight(op, name, w, group_size, kind="float"):
+    """The checks of a grouped weight matrix every backend makes: ``kind`` ``float`` (shadow
+    weights) or ``int8`` (trits), 2-D ``[M, K]``, K a multiple of ``group_size``; returns (M, K)."""
+    (require_float if kind == "float" else _require_int8)(op, name, w)
+    if w.ndim != 2:
+        raise ValueError(f"{op}: {name} must be 2-D [M, K], got shape {w.shape}")
+    m, k = w.shape
+    check_group_size(op, k, group_size)
+    return m, k
+
+
 # --- rounding -------------------------------------------------------------------------
 
 
@@ -87,11 +98,7 @@ def quantize_weights(w, group_size):
     mean |w| is below 1e-8 (or rounds to 0 in float16) are all zero with ``s = 0``.
     """
     w = _data(w)
-    require_float("quantize_weights", "w", w)
-    if w.ndim != 2:
-        raise ValueError(f"quantize_weights: w must be 2-D [M, K], got shape {w.shape}")
-    m, k = w.shape
-    check_group_size("quantize_weights", k, group_size)
+    m, k = check_grouped_weight("quantize_weights", "w", w, group_size)
     xp = array_module(w)
     groups = w.reshape(m, k // group_size, group_size)
     mean = xp.abs(groups).sum(axis=-1, dtype=np.float64) / group_size
@@ -139,12 +146,8 @@ def dequantize_weights(q, s, group_size):
     """``dequantize_weights(q int8 [M, K], s float [M, K // G], group_size) -> q * s``,
     float ``[M, K]`` in ``s``'s dtype (exact: one trit times one scale)."""
     q, s = _data(q), _data(s)
-    _require_int8("dequantize_weights", "q", q)
     require_float("dequantize_weights", "s", s)
-    if q.ndim != 2:
-        raise ValueError(f"dequantize_weights: q must be 2-D [M, K], got shape {q.shape}")
-    m, k = q.shape
-    check_group_size("dequantize_weights", k, group_size)
+    m, k = check_grouped_weight("dequantize_weights", "q", q, group_size, kind="int8")
     if s.shape != (m, k // group_size):
         raise ValueError(
             f"dequantize_weights: scales have shape {s.shape}, expected {(m, k // group_size)} for q {q.shape} and group_size {group_size}"
@@ -238,11 +241,7 @@ class TernaryLinear(Function):
     @staticmethod
     def forward(ctx, x, w, group_size, keep=None):
         require_float("ternary_linear", "x", x)
-        require_float("ternary_linear", "w", w)
-        if w.ndim != 2:
-            raise ValueError(f"ternary_linear: w must be 2-D [M, K], got shape {w.shape}")
-        m, k = w.shape
-        check_group_size("ternary_linear", k, group_size)
+        m, k = check_grouped_weight("ternary_linear", "w", w, group_size)
         if x.ndim < 1 or x.shape[-1] != k:
             raise ValueError(f"ternary_linear: x has shape {x.shape} but w has shape {w.shape}; the last axis of x must be K = {k}")
         if x.dtype != w.dtype:

@@ -161,11 +161,7 @@ class TernaryLinear(Function):
     @staticmethod
     def forward(ctx, x, w, group_size, keep=None):
         ref.require_float("ternary_linear", "x", x)
-        ref.require_float("ternary_linear", "w", w)
-        if w.ndim != 2:
-            raise ValueError(f"ternary_linear: w must be 2-D [M, K], got shape {w.shape}")
-        m, k = w.shape
-        ref.check_group_size("ternary_linear", k, group_size)
+        m, k = ref.check_grouped_weight("ternary_linear", "w", w, group_size)
         if x.ndim < 1 or x.shape[-1] != k:
             raise ValueError(f"ternary_linear: x has shape {x.shape} but w has shape {w.shape}; the last axis of x must be K = {k}")
         if x.dtype != w.dtype:

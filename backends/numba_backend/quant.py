@@ -18,6 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from reference.autograd import data_of as _data
+from reference.ternary import check_grouped_weight, require_float
 
 from .dispatch import n_tasks
 
@@ -34,11 +35,6 @@ PARALLEL_MIN_ELEMENTS = 1 << 21
 
 def _tasks(rows, elements):
     return n_tasks(rows, elements, PARALLEL_MIN_ELEMENTS)
-
-
-def require_float(op, name, a):
-    if not hasattr(a, "dtype") or a.dtype.kind != "f":
-        raise ValueError(f"{op}: {name} must be a floating-point array, got dtype {getattr(a, 'dtype', type(a).__name__)}")
 
 
 # --- weights ------------------------------------------------------------------------------
@@ -138,14 +134,7 @@ def quantize_weights(w, group_size):
     ``quantize_weights(w [M, K] float, group_size) -> (q int8 [M, K], s [M, K // G])``,
     ``s`` in ``w``'s dtype and float16-representable (see ``reference.ternary.quantize_weights``)."""
     w = _data(w)
-    require_float("quantize_weights", "w", w)
-    if w.ndim != 2:
-        raise ValueError(f"quantize_weights: w must be 2-D [M, K], got shape {w.shape}")
-    m, k = w.shape
-    if not isinstance(group_size, (int, np.integer)) or isinstance(group_size, bool) or group_size <= 0:
-        raise ValueError(f"quantize_weights: group_size must be a positive integer, got {group_size!r}")
-    if k % group_size != 0:
-        raise ValueError(f"quantize_weights: K = {k} is not divisible by group_size = {group_size}")
+    m, k = check_grouped_weight("quantize_weights", "w", w, group_size)
     w = np.ascontiguousarray(w)
     # NumPy sums float64 groups in one pass and casts other dtypes through its buffer.
     chunk = group_size if w.dtype == np.float64 else max(1, min(group_size, np.getbufsize()))
