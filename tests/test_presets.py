@@ -82,3 +82,16 @@ def test_one_step_of_each_production_preset_with_all_features(tmp_path, preset, 
         assert cfg.model.deltanet_layer_ids == (2,)
     if preset == "medium_3b":
         assert len(train["expert_load"]) == 2 and train["composite_gain"] > 0
+
+
+def test_start_up_estimates_step_time_and_warns_far_beyond_a_cpu():
+    """Issue 16 item 8: the trainer says how long a step will take (calibrated on tiny's measured
+    2,412 tokens/s) and warns when a preset is far beyond a CPU."""
+    from nanochat.train.budget import FAR_BEYOND_SECONDS, describe_time, estimate_step_seconds
+
+    tiny = load_config("tiny")
+    assert estimate_step_seconds(tiny) == pytest.approx(tiny.train.batch_size * tiny.model.seq_len / 2412.0)
+    assert "warning" not in describe_time(tiny)
+    big = load_config("nano_125m")
+    assert estimate_step_seconds(big) > FAR_BEYOND_SECONDS
+    assert "warning" in describe_time(big) and "far beyond a CPU" in describe_time(big)

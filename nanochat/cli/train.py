@@ -16,7 +16,7 @@ from nanochat.config import ConfigError, available_presets, load_config
 from nanochat.io.checkpoint import CheckpointError, load_checkpoint
 from nanochat.model.params import count_parameters
 from nanochat.train import distributed
-from nanochat.train.budget import describe, format_bytes
+from nanochat.train.budget import describe, describe_time, format_bytes
 from nanochat.train.metrics import plot_losses, run_title, tensorboard_hint
 from nanochat.train.trainer import Trainer, TrainingError, default_out_dir
 
@@ -110,6 +110,8 @@ def main(argv=None):
     print(f"model: {m.num_parameters():,} parameters ("
           + ", ".join(f"{k} {v:,}" for k, v in sorted((k, v) for k, v in count_parameters(cfg).items() if v and k != "total")) + ")")
     print(f"memory: estimated {describe(trainer.memory)}; limit {format_bytes(trainer.memory['limit'])}")
+    if trainer.be.name != "cupy":
+        print(f"time: {describe_time(cfg)}")
     if trainer.dist is not None:
         print(trainer.dist.describe(cfg))
     print(f"data: {len(trainer.data.train_tokens):,} train tokens, {len(trainer.data.val_tokens):,} val tokens; "
