@@ -470,3 +470,24 @@ def test_int8_head_stays_within_its_documented_tolerance(config_name):
     assert rel(np.stack([int8.step(int(t)) for t in ids]), got[0]) < 1e-5
     with pytest.raises(ValueError, match="head must be one of"):
         Engine(loaded_from_model(model, cfg), "numba", head="int4")
+
+
+@pytest.mark.parametrize("config_name", ["gqa_subln", "deltanet", "hybrid"])
+def test_long_prompts_prefill_in_chunks_with_the_same_logits(config_name, monkeypatch):
+    """A prompt is prefilled in chunks whose float64 attention scores stay under
+    PREFILL_SCORE_BYTES (memory linear in the prompt, never [T, T]); chunking changes no logit
+    beyond float32 rounding, and caches start small and grow."""
+    from nanochat.infer import engine as engine_module
+
+    cfg, model, engine = built(config_name, "numba")
+    idx = token_ids((1, 70), seed=9)
+    want = engine.logits(idx)[0]
+    monkeypatch.setattr(engine_module, "PREFILL_SCORE_BYTES", 8 * cfg.model.n_heads * 80 * 7)  # ~7 tokens a chunk
+    assert engine.prefill_chunk(80) == 7
+    engine.reset()
+    got = engine.feed(idx[0])
+    assert rel(got, want) < 1e-5
+    seq = engine.new_sequence()
+    assert all(getattr(s, "k", np.zeros((1, 16))).shape[1] <= 16 for s in seq.cache.layers)  # starts small
+    last = engine.prefill(seq, idx[0])
+    assert rel(last, want[-1]) < 1e-5
