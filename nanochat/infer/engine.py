@@ -219,6 +219,11 @@ class Engine:
             s.tokens.append(int(i))
         return logits
 
+    def _draft(self, h, k):
+        """Speculative drafting: the first ``k`` MTP heads on the hidden row ``h`` -> logits ``[k, V]`` (numpy)."""
+        with no_grad(), blas_limited(1):
+            return self.be.to_numpy(self.model.draft_logits(h, k, self.linear, self.head))
+
     def _verify(self, seq: Sequence, token_ids, hidden):
         """Speculative verification: append ``token_ids`` and return all their logits ``[T, V]``."""
         return self.prefill(seq, token_ids, all_logits=True, hidden=hidden)

@@ -47,7 +47,7 @@ def speculative_ids(engine, seq, pending, h, history, params, rng, k, vocab_limi
         yield pending
         history.append(pending)
         # Drafts from the MTP heads on h (independent of each other except through the penalty).
-        draft_logits = limit_vocab(engine.be.to_numpy(engine.model.draft_logits(h, k, engine.linear, engine.head)), vocab_limit)
+        draft_logits = limit_vocab(engine._draft(h, k), vocab_limit)
         drafts, qs, hist = [], [], list(history)
         for j in range(k):
             q = next_token_distribution(draft_logits[j], hist, params)
