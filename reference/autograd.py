@@ -164,8 +164,13 @@ class Tensor:
         return self._node is None
 
     # --- reverse mode ----------------------------------------------------------------
-    def backward(self, grad=None):
-        """Accumulate d(self)/d(leaf) into every leaf's ``.grad`` (``grad`` defaults to ones)."""
+    def backward(self, grad=None, on_leaf_ready=None):
+        """Accumulate d(self)/d(leaf) into every leaf's ``.grad`` (``grad`` defaults to ones).
+
+        ``on_leaf_ready(leaf)``, when given, is called once for every leaf of the graph as soon
+        as this pass has added all it will to that leaf's ``.grad`` (data-parallel training
+        starts reducing gradients while the rest of the backward runs).
+        """
         if not self.requires_grad:
             raise ValueError("backward() called on a tensor that does not require grad")
         xp = self.xp
@@ -174,14 +179,19 @@ class Tensor:
         grad = grad.data if isinstance(grad, Tensor) else grad
         if self._node is None:
             self._accumulate(grad)
+            if on_leaf_ready is not None:
+                on_leaf_ready(self)
             return
         order = _topological_order(self._node[0])
         pending = {id(self._node[0]): [None] * len(self._node[0].out_meta)}
         pending[id(self._node[0])][self._node[1]] = grad
         retained = _retained_tensors(order)
-        for node in reversed(order):
+        ready_after = _leaves_by_last_use(order) if on_leaf_ready is not None else {}
+        for position, node in enumerate(reversed(order)):
             outs = pending.pop(id(node), None)
             if outs is None:
+                for leaf in ready_after.get(position, ()):
+                    on_leaf_ready(leaf)
                 continue
             for t in retained.get(id(node), ()):
                 g = outs[t._node[1]]
@@ -202,6 +212,8 @@ class Tensor:
                     slot = pending.setdefault(id(parent._node[0]), [None] * len(parent._node[0].out_meta))
                     i = parent._node[1]
                     slot[i] = g if slot[i] is None else slot[i] + g
+            for leaf in ready_after.get(position, ()):
+                on_leaf_ready(leaf)
 
     def _accumulate(self, g):
         if g.dtype != self.data.dtype:
@@ -305,6 +317,20 @@ def _topological_order(root):
             if p is not None and p._node is not None and id(p._node[0]) not in seen:
                 stack.append((p._node[0], False))
     return order
+
+
+def _leaves_by_last_use(order):
+    """``{position in reversed(order): [leaves]}``: the node after which each leaf's gradient is
+    complete (the last one, in backward order, that has the leaf as a parent)."""
+    last = {}
+    for position, node in enumerate(reversed(order)):
+        for p in node.parents:
+            if p is not None and p._node is None:
+                last[id(p)] = (position, p)
+    out = {}
+    for position, leaf in last.values():
+        out.setdefault(position, []).append(leaf)
+    return out
 
 
 def _retained_tensors(order):

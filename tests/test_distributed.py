@@ -135,3 +135,24 @@ def test_nproc_without_mpi_is_one_error_line(monkeypatch, capsys):
     assert train_cli.main(["--nproc", "2", "--steps", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: --nproc needs an MPI launcher: pip install -e '.[mpi]' (mpi4py and the mpich wheel)"]
+
+
+def test_backward_reports_each_leaf_once_its_gradient_is_final():
+    from reference.autograd import Tensor
+
+    rng = np.random.default_rng(0)
+    a = Tensor(rng.standard_normal((3, 4)), requires_grad=True)
+    b = Tensor(rng.standard_normal((4, 2)), requires_grad=True)
+    c = Tensor(rng.standard_normal((3, 2)), requires_grad=True)
+    unused = Tensor(np.ones(2), requires_grad=True)
+    seen = []
+
+    def ready(leaf):
+        seen.append((leaf, None if leaf.grad is None else leaf.grad.copy()))
+
+    loss = (((a @ b) * c).sum() + (a * a).sum())
+    loss.backward(on_leaf_ready=ready)
+    assert sorted(id(t) for t, _ in seen) == sorted([id(a), id(b), id(c)])  # once each, not `unused`
+    for leaf, grad_then in seen:
+        np.testing.assert_array_equal(grad_then, leaf.grad)  # nothing was added afterwards
+    assert unused.grad is None

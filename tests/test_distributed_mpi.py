@@ -249,6 +249,15 @@ def test_features_match_one_process(tmp_path):
     assert max_rel(one, two, "loss") <= 1e-10
 
 
+def test_grad_accumulation_matches_one_process(tmp_path):
+    """grad_accum = 2: the reduction starts during the last micro-batch's backward."""
+    base = TINY + F64 + ["train.grad_accum=2"]
+    one = run_ranks(1, tmp_path, "one", overrides=base + ["train.batch_size=4"], steps=3)
+    two = run_ranks(2, tmp_path, "two", overrides=base + ["train.batch_size=2"], steps=3)
+    assert_replicas_identical(two)
+    assert max_rel(one, two, "loss") <= 1e-10
+
+
 def test_moe_matches_one_process(tmp_path):
     """MoE: the load-balancing loss takes the expert fractions of the global batch (counts summed
     over ranks), so 2 ranks == 1 rank here too, and the expert loads logged are global."""

@@ -101,6 +101,9 @@ class NCCLCommunicator:
     def wait_all(self, handles):
         self.stream.synchronize()
 
+    def progress(self, handles):
+        pass  # NCCL kernels run on their own stream
+
     # -- host collectives and control: through MPI
     def allgather_values(self, values):
         return self.mpi.allgather_values(values)

@@ -88,6 +88,9 @@ class Communicator:
     def wait_all(self, handles):
         pass
 
+    def progress(self, handles):
+        """Let started collectives advance (MPI progresses only inside MPI calls)."""
+
     def allgather_values(self, values):
         return np.asarray(values, dtype=np.float64).reshape(1, -1)
 
@@ -138,6 +141,11 @@ class MPICommunicator(Communicator):
         handles = [h for h in handles if h is not None]
         if handles:
             self.MPI.Request.Waitall(handles)
+
+    def progress(self, handles):
+        handles = [h for h in handles if h is not None]
+        if handles:
+            self.MPI.Request.Testall(handles)
 
     def allgather_values(self, values):
         mine = np.ascontiguousarray(values, dtype=np.float64).reshape(-1)
@@ -364,6 +372,14 @@ class DataParallel:
             for s in range(lo, hi, per_bucket):
                 self.buckets.append((s, min(s + per_bucket, hi), r))
         self.mine = [(lo, hi) for lo, hi, r in self.ranges if r == comm.rank and hi > lo]
+        # Which parameters each bucket holds, and the reverse: a bucket can start once all are ready.
+        self.bucket_names = [[n for n in self.names if self.offset[n][0] < stop and self.offset[n][1] > start]
+                             for start, stop, _ in self.buckets]
+        self.buckets_of = {n: [] for n in self.names}
+        for b, names in enumerate(self.bucket_names):
+            for n in names:
+                self.buckets_of[n].append(b)
+        self._handles, self._next = [], 0  # reductions started this step; position in the start order
         self.owns = {n: any(r == comm.rank for _, _, r in self.plan[n]) for n in self.names}
         self.split = {n: [(lo, hi, r) for lo, hi, r in self.plan[n]] for n in self.names if len(self.plan[n]) > 1}
         self.pbuf = xp.empty(self.numel, dtype=self.dtype)
@@ -442,31 +458,10 @@ class DataParallel:
         t0 = time.perf_counter()
         comm, params = self.comm, self.model.params
         self._check_bound()
-        handles = []
-        had = np.zeros(len(self.names))
-        # Fill buckets from the back (the last parameters' gradients were ready first) and start
-        # each reduction as soon as its bucket is filled.
-        k = len(self.names) - 1
-        for start, stop, root in reversed(self.buckets):
-            while k >= 0:
-                n = self.names[k]
-                lo, hi = self.offset[n]
-                if hi <= start:
-                    break
-                a, b = max(lo, start), min(hi, stop)
-                if a < b:
-                    g = params[n].grad
-                    if g is None:
-                        self.gbuf[a:b] = 0
-                    else:
-                        had[k] = 1.0
-                        self.gbuf[a:b] = g.reshape(-1)[a - lo:b - lo]
-                if lo >= start:
-                    k -= 1
-                else:
-                    break
-            self.be.synchronize()
-            handles.append(comm.reduce(self.gbuf[start:stop], root))
+        while self._next < len(self.buckets):  # buckets the backward did not start (or no hook)
+            self._start_next()
+        handles, self._handles, self._next = self._handles, [], 0
+        had = np.array([0.0 if params[n].grad is None else 1.0 for n in self.names])
         loads = record.get("expert_load") or []
         flat_loads = [x for row in loads for x in row]
         small = np.concatenate([[record["loss"], record["ce"], record["mtp"], record["moe_aux"]], had,
@@ -492,6 +487,47 @@ class DataParallel:
         self.comm_seconds = time.perf_counter() - t0 + self.comm_seconds_forward
         self.comm_seconds_forward = 0.0
         return record
+
+    def backward_hook(self):
+        """``on_leaf_ready`` for the backward of a step's last micro-batch: each bucket's
+        reduction starts once every parameter in it has its final gradient, so communication
+        overlaps the rest of the backward. Buckets start in one fixed order (last bucket first)
+        on every rank, whatever order the gradients complete in (MoE graphs differ between ranks),
+        as MPI and NCCL require; a bucket waiting for a late parameter holds back those after it."""
+        self._check_bound()
+        name_of = {id(p): n for n, p in self.model.params.items()}
+        waiting = [set(names) for names in self.bucket_names]
+        self._handles, self._next = [], 0
+
+        def ready(leaf):
+            n = name_of.get(id(leaf))
+            if n is None:
+                return
+            for b in self.buckets_of[n]:
+                waiting[b].discard(n)
+            while self._next < len(self.buckets) and not waiting[len(self.buckets) - 1 - self._next]:
+                self._start_next()
+            self.comm.progress(self._handles)
+
+        return ready
+
+    def _start_next(self):
+        """Fill the next bucket in the start order from the parameters' gradients and start its
+        reduction onto its owner."""
+        b = len(self.buckets) - 1 - self._next
+        start, stop, root = self.buckets[b]
+        params = self.model.params
+        for n in self.bucket_names[b]:
+            lo, hi = self.offset[n]
+            a, e = max(lo, start), min(hi, stop)
+            g = params[n].grad
+            if g is None:
+                self.gbuf[a:e] = 0
+            else:
+                self.gbuf[a:e] = g.reshape(-1)[a - lo:e - lo]
+        self.be.synchronize()
+        self._handles.append(self.comm.reduce(self.gbuf[start:stop], root))
+        self._next += 1
 
     def clip_by_global_norm(self, max_norm):
         """Global gradient norm over all ranks' shards (float64, added in rank order; the same

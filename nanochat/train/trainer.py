@@ -300,7 +300,7 @@ class Trainer:
         loads = []
         for p in model.params.values():  # an interrupted earlier step may have left partial sums
             p.grad = None
-        for _ in range(accum):
+        for micro in range(accum):
             t0 = time.perf_counter()
             batch = next(loader)
             t1 = time.perf_counter()
@@ -308,7 +308,9 @@ class Trainer:
                                moe_counts=None if self.dist is None else self.dist.global_expert_counts)
             be.synchronize()
             t2 = time.perf_counter()
-            (res.loss * (1.0 / accum)).backward()
+            # Data parallelism: the last micro-batch's backward starts reducing finished buckets.
+            hook = self.dist.backward_hook() if self.dist is not None and micro == accum - 1 else None
+            (res.loss * (1.0 / accum)).backward(on_leaf_ready=hook)
             be.synchronize()
             t3 = time.perf_counter()
             times.data_wait += t1 - t0
