@@ -643,3 +643,17 @@ def test_scheduler_greedy_equals_engine_on_a_deltanet_moe_mhc_model():
         sched.stop()
     assert sorted(done) == list(range(len(prompts)))
     assert [got[i] for i in range(len(prompts))] == want
+
+
+def test_default_model_id_is_the_file_stem_or_the_run_name():
+    from types import SimpleNamespace
+
+    from nanochat.serve.app import default_model_id
+
+    def named(source):
+        return default_model_id(SimpleNamespace(source=source))
+
+    assert named("/models/nano-v2.gguf") == "nano-v2"
+    assert named("/runs/mine/checkpoints/step-000400") == "mine"
+    assert named("/runs/mine") == "mine"
+    assert named("") == "nanochat"
