@@ -204,6 +204,8 @@ class ThreadPolicy:
             self._limiter = threadpool_limits(limits=n)
         except Exception:
             self._limiter = None
+        global _BLAS_MODE
+        _BLAS_MODE = "training"
         return n
 
     def choose(self, others):
@@ -267,24 +269,27 @@ def start_training(backend, write=print):
     return described
 
 
-_CONTROLLER = None
+_BLAS_MODE = None  # "training" (the policy's count) or "inference" (one thread), whichever was set last
+_INFERENCE_LIMITER = None
 
 
-def blas_limited(n=1):
-    """A context manager holding the BLAS/OpenMP pools at ``n`` threads while it is open.
+def inference_threads():
+    """Hold the BLAS/OpenMP pools at one thread for inference; cheap to call before every forward
+    (it acts only when training set another count since).
 
-    The inference engine's BLAS calls are small (the LM head's one-row product, float64
-    attention over one query): waking a BLAS pool costs more than it saves, and its spinning
-    workers compete with numba's for the same cores (the tiny decode step went from 17 to 10 ms with
-    one BLAS thread on the busy 2-core machine, 2026-12-03). Entering costs tens of microseconds (one ``threadpoolctl`` controller, made once)."""
-    global _CONTROLLER
-    import contextlib
-
+    The engine's BLAS calls are small (the LM head's one-row product, float64 attention over one
+    query): a second BLAS thread gains nothing there and its spinning competes with numba's pool
+    for the cores. Measured on the 2-core machine, 2026-12-03: the tiny decode step took 8-12 ms
+    with OpenBLAS's default two threads and 2.2-3.0 ms with one, old and new engine alike; setting
+    and restoring the count around every forward cost about 0.5 ms of that again, so the count is
+    set once and left. ``ThreadPolicy.apply`` (training) sets its own count back."""
+    global _BLAS_MODE, _INFERENCE_LIMITER
+    if _BLAS_MODE == "inference":
+        return
     try:
-        if _CONTROLLER is None:
-            from threadpoolctl import ThreadpoolController
+        from threadpoolctl import ThreadpoolController
 
-            _CONTROLLER = ThreadpoolController()
-        return _CONTROLLER.limit(limits=n, user_api="blas")
+        _INFERENCE_LIMITER = ThreadpoolController().limit(limits=1, user_api="blas")
     except Exception:  # threadpoolctl missing or no BLAS found: nothing to limit
-        return contextlib.nullcontext()
+        _INFERENCE_LIMITER = None
+    _BLAS_MODE = "inference"

@@ -30,7 +30,7 @@ from typing import Iterator
 
 import numpy as np
 
-from backends.threads import blas_limited
+from backends.threads import inference_threads
 from reference.autograd import no_grad
 from nanochat.infer.sampling import (SamplingParams, apply_repetition_penalty, limit_vocab, next_token_distribution,
                                      sample_next)
@@ -221,7 +221,8 @@ class Engine:
 
     def _draft(self, h, k):
         """Speculative drafting: the first ``k`` MTP heads on the hidden row ``h`` -> logits ``[k, V]`` (numpy)."""
-        with no_grad(), blas_limited(1):
+        inference_threads()
+        with no_grad():
             return self.be.to_numpy(self.model.draft_logits(h, k, self.linear, self.head))
 
     def _verify(self, seq: Sequence, token_ids, hidden):
@@ -301,7 +302,8 @@ class Engine:
         every chunk (speculative decoding drafts from them)."""
         b, t = idx.shape
         out, start = [], 0
-        with no_grad(), blas_limited(1):
+        inference_threads()  # one BLAS thread (backends/threads.py)
+        with no_grad():
             while start < t:
                 n = min(t - start, self.prefill_chunk(max(c.position for c in caches) + t))
                 last = not all_logits and start + n == t
