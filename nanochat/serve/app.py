@@ -129,6 +129,23 @@ async def _read_json(request, limit):
     return parse_body(bytes(buf), limit)
 
 
+def _usage(prompt_tokens, choices):
+    """The OpenAI ``usage`` object of a request's choices so far."""
+    done = sum(c.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
+
+
+async def _collect(queue, on_event, choices, watcher, scheduler, jobs):
+    """Non-streaming: feed scheduler events to ``on_event`` until every choice has finished; a
+    client that goes away (or an error) cancels what is left."""
+    try:
+        while any(c.finish is None for c in choices):
+            on_event(await queue.get())
+    finally:
+        watcher.cancel()
+        scheduler.cancel([j for j, c in zip(jobs, choices) if c.finish is None])
+
+
 async def _watch_disconnect(request, on_disconnect):
     """Wait for the client to go away, then call ``on_disconnect`` (cancels its sequences)."""
     try:
@@ -377,16 +394,10 @@ def create_app(model, *, model_id=None, api_key=None, max_batch=8, max_queue=64,
             return None
 
         def usage():
-            done = sum(c.completion_tokens for c in choices)
-            return {"prompt_tokens": usage_prompt, "completion_tokens": done, "total_tokens": usage_prompt + done}
+            return _usage(usage_prompt, choices)
 
         if not req.sampling.stream:
-            try:
-                while any(c.finish is None for c in choices):
-                    on_event(await queue.get())
-            finally:
-                watcher.cancel()
-                state.scheduler.cancel([j for j, c in zip(jobs, choices) if c.finish is None])
+            await _collect(queue, on_event, choices, watcher, state.scheduler, jobs)
             return {"id": cid, "object": "text_completion", "created": created, "model": state.model_id,
                     "choices": [{"index": c.index, "text": (c.prompt_text if req.echo else "") + "".join(c.text),
                                  "logprobs": logprob_block(c, 0), "finish_reason": c.finish} for c in choices],
@@ -473,16 +484,10 @@ def create_app(model, *, model_id=None, api_key=None, max_batch=8, max_queue=64,
             return None
 
         def usage():
-            done = sum(c.completion_tokens for c in choices)
-            return {"prompt_tokens": len(ids), "completion_tokens": done, "total_tokens": len(ids) + done}
+            return _usage(len(ids), choices)
 
         if not req.sampling.stream:
-            try:
-                while any(c.finish is None for c in choices):
-                    on_event(await queue.get())
-            finally:
-                watcher.cancel()
-                state.scheduler.cancel([j for j, c in zip(jobs, choices) if c.finish is None])
+            await _collect(queue, on_event, choices, watcher, state.scheduler, jobs)
             return {"id": cid, "object": "chat.completion", "created": created, "model": state.model_id,
                     "choices": [{"index": c.index, "message": {"role": "assistant", "content": "".join(c.text)},
                                  "logprobs": {"content": c.logprobs} if req.logprobs else None,
