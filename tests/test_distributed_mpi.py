@@ -152,28 +152,28 @@ def test_resume_bit_exact_same_world_and_across_world_sizes(tmp_path):
         np.testing.assert_allclose(back["weights"][name], w, rtol=1e-9, atol=1e-12, err_msg=name)
 
 
-def test_a_failing_rank_stops_every_rank_with_one_error_line(tmp_path):
+def _run_failing(tmp_path, name, **failure):
+    """Two ranks where rank 1 fails at step 2 as ``failure`` says; every rank must stop, well
+    within the 90 s limit. Returns the output."""
     spec = dict(overrides=TINY + ["train.batch_size=2"], steps=10, fail_rank=1, fail_step=2,
-                out_dir=str(tmp_path / "fail"))
-    path = tmp_path / "fail.spec.json"
+                out_dir=str(tmp_path / name), **failure)
+    path = tmp_path / f"{name}.spec.json"
     path.write_text(json.dumps(spec))
     started = time.monotonic()
     rc, out, err = _run([MPIEXEC, "-n", "2", sys.executable, str(WORKER), str(path)], timeout=90)
     assert rc != 0
     assert time.monotonic() - started < 90
+    return out, err
+
+
+def test_a_failing_rank_stops_every_rank_with_one_error_line(tmp_path):
+    out, err = _run_failing(tmp_path, "fail")
     lines = [line for line in (out + err).splitlines() if line.startswith("error:")]
     assert lines == ["error: rank 1 of 2: injected failure at step 2"], err[-2000:]
 
 
 def test_a_killed_rank_stops_every_rank(tmp_path):
-    spec = dict(overrides=TINY + ["train.batch_size=2"], steps=10, fail_rank=1, fail_step=2, fail_kill=True,
-                out_dir=str(tmp_path / "killed"))
-    path = tmp_path / "killed.spec.json"
-    path.write_text(json.dumps(spec))
-    started = time.monotonic()
-    rc, out, err = _run([MPIEXEC, "-n", "2", sys.executable, str(WORKER), str(path)], timeout=90)
-    assert rc != 0
-    assert time.monotonic() - started < 90
+    _run_failing(tmp_path, "killed", fail_kill=True)
 
 
 def _token_file(tmp_path):
