@@ -24,7 +24,7 @@ def main():
 
     from backends.cupy_backend.nccl import NCCLCommunicator, nccl_status
     from nanochat.config import load_config
-    from nanochat.train import distributed
+    from nanochat.train import distributed, ranks
     from nanochat.train.trainer import Trainer
 
     ok, detail = nccl_status()
@@ -33,10 +33,10 @@ def main():
         print(json.dumps({**report, "error": detail}))
         return 1
     try:
-        boot = distributed.MPICommunicator()
+        boot = ranks.MPICommunicator()
         report["bootstrap"] = "mpi"
     except ImportError:
-        boot = distributed.SingleProcess()
+        boot = ranks.SingleProcess()
         report["bootstrap"] = "single"
     comm = NCCLCommunicator(boot)
     x = cupy.arange(1 << 20, dtype=cupy.float32)

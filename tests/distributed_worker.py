@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nanochat.config import load_config  # noqa: E402
 from nanochat.io.checkpoint import load_checkpoint  # noqa: E402
-from nanochat.train import distributed  # noqa: E402
+
+from nanochat.train import ranks  # noqa: E402
 from nanochat.train.trainer import Trainer  # noqa: E402
 
 from run_helpers import synthetic_data  # noqa: E402  (tests/ is this script's directory)
@@ -32,8 +33,8 @@ from run_helpers import synthetic_data  # noqa: E402  (tests/ is this script's d
 
 def main(spec_path):
     spec = json.loads(Path(spec_path).read_text())
-    comm = distributed.communicator()
-    distributed.install_excepthook(comm)
+    comm = ranks.communicator()
+    ranks.install_excepthook(comm)
     cfg = load_config("tiny", spec["overrides"])
     ck = load_checkpoint(spec["resume"]) if spec.get("resume") else None
     trainer = Trainer(cfg, out_dir=spec["out_dir"], resume=ck, progress=False, data=synthetic_data(20000, 1200), comm=comm)

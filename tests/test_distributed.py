@@ -11,6 +11,7 @@ import pytest
 
 from nanochat.data.loader import AsyncLoader, BatchLoader
 from nanochat.train import distributed
+from nanochat.train import ranks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,22 +46,22 @@ def test_shard_is_checked():
 
 
 def test_strip_nproc():
-    assert distributed.strip_nproc(["--steps", "3"]) == (None, ["--steps", "3"])
-    assert distributed.strip_nproc(["--nproc", "2", "--steps", "3"]) == (2, ["--steps", "3"])
-    assert distributed.strip_nproc(["--nproc=4"]) == (4, [])
+    assert ranks.strip_nproc(["--steps", "3"]) == (None, ["--steps", "3"])
+    assert ranks.strip_nproc(["--nproc", "2", "--steps", "3"]) == (2, ["--steps", "3"])
+    assert ranks.strip_nproc(["--nproc=4"]) == (4, [])
     with pytest.raises(ValueError, match="whole number"):
-        distributed.strip_nproc(["--nproc", "two"])
+        ranks.strip_nproc(["--nproc", "two"])
     with pytest.raises(ValueError, match=r"\[1, 1024\]"):
-        distributed.strip_nproc(["--nproc", "0"])
+        ranks.strip_nproc(["--nproc", "0"])
 
 
 def test_launcher_detection():
-    assert not distributed.launched_by_mpi({})
-    assert distributed.launched_by_mpi({"PMI_SIZE": "2", "PMI_RANK": "0"})
-    assert distributed.launched_by_mpi({"OMPI_COMM_WORLD_SIZE": "4"})
-    assert not distributed.launched_by_mpi({"PMI_SIZE": "1"})  # one rank: no MPI needed at all
-    assert not distributed.launched_by_mpi({"PMI_SIZE": "2", "NANOCHAT_NO_MPI": "1"})
-    assert isinstance(distributed.communicator(), distributed.SingleProcess)
+    assert not ranks.launched_by_mpi({})
+    assert ranks.launched_by_mpi({"PMI_SIZE": "2", "PMI_RANK": "0"})
+    assert ranks.launched_by_mpi({"OMPI_COMM_WORLD_SIZE": "4"})
+    assert not ranks.launched_by_mpi({"PMI_SIZE": "1"})  # one rank: no MPI needed at all
+    assert not ranks.launched_by_mpi({"PMI_SIZE": "2", "NANOCHAT_NO_MPI": "1"})
+    assert isinstance(ranks.communicator(), ranks.SingleProcess)
 
 
 def test_nothing_above_backends_imports_cupy_or_mpi_at_module_level():
@@ -88,12 +89,12 @@ def test_nccl_module_compiles_and_imports_without_a_gpu():
 
 
 def test_single_process_communicator_is_the_identity():
-    c = distributed.SingleProcess()
+    c = ranks.SingleProcess()
     assert (c.rank, c.size, c.is_main) == (0, 1, True)
     assert c.allgather_values([1.5, 2]).tolist() == [[1.5, 2.0]]
     assert c.gather_arrays({"a": np.ones(2)})["a"].tolist() == [1.0, 1.0]
-    assert distributed.agree_on_failure(c, None) == (None, False)
-    assert distributed.agree_on_failure(c, ValueError("bad key")) == ("error: bad key", True)
+    assert ranks.agree_on_failure(c, None) == (None, False)
+    assert ranks.agree_on_failure(c, ValueError("bad key")) == ("error: bad key", True)
 
 
 def test_load_balance_loss_with_global_counts_averages_to_the_global_loss():
@@ -130,7 +131,7 @@ def test_nproc_without_mpi_is_one_error_line(monkeypatch, capsys):
     def missing():
         raise RuntimeError("--nproc needs an MPI launcher: pip install -e '.[mpi]' (mpi4py and the mpich wheel)")
 
-    monkeypatch.setattr(distributed, "mpiexec_path", missing)
+    monkeypatch.setattr(ranks, "mpiexec_path", missing)
     monkeypatch.delenv("PMI_SIZE", raising=False)
     assert train_cli.main(["--nproc", "2", "--steps", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

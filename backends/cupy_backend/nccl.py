@@ -1,4 +1,4 @@
-"""NCCL communicator for data-parallel training on GPUs (``nanochat.train.distributed``).
+"""NCCL communicator for data-parallel training on GPUs (``nanochat.train.distributed``, ``nanochat.train.ranks``).
 
 The step's collectives (gradient ``reduce`` onto each bucket's owner, weight ``bcast`` from it)
 run as NCCL calls on CuPy device buffers, in one dedicated stream; the small host-side
@@ -9,7 +9,7 @@ creates the unique id and broadcasts it.
 Rank r uses device ``local_rank mod device_count`` on its host (``local_rank`` from MPI's
 shared-memory split), selected before any allocation of the run.
 
-This module duck-types the ``Communicator`` interface of ``nanochat.train.distributed`` (a
+This module duck-types the ``Communicator`` interface of ``nanochat.train.ranks`` (a
 backend must not import the layers above it). ``import backends.cupy_backend.nccl`` works
 without cupy or a GPU; constructing ``NCCLCommunicator`` needs both, and NCCL.
 """

@@ -15,7 +15,7 @@ from nanochat.cli.common import backend_choices
 from nanochat.config import ConfigError, available_presets, load_config
 from nanochat.io.checkpoint import CheckpointError, load_checkpoint
 from nanochat.model.params import count_parameters
-from nanochat.train import distributed
+from nanochat.train import ranks
 from nanochat.train.budget import describe, describe_time, format_bytes
 from nanochat.train.metrics import plot_losses, run_title, tensorboard_hint
 from nanochat.train.trainer import Trainer, TrainingError, default_out_dir
@@ -72,20 +72,20 @@ def main(argv=None):
     if argv[:1] == ["plot"]:
         return plot_main(argv[1:])
     try:
-        nproc, argv = distributed.strip_nproc(argv)
+        nproc, argv = ranks.strip_nproc(argv)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if nproc is not None and nproc > 1 and not distributed.launched_by_mpi():
+    if nproc is not None and nproc > 1 and not ranks.launched_by_mpi():
         try:
-            return distributed.launch(nproc, argv)
+            return ranks.launch(nproc, argv)
         except (RuntimeError, OSError) as exc:  # no MPI installed, launcher not runnable
             print(f"error: {exc}", file=sys.stderr)
             return 2
     args = parse_args(argv)
-    comm = distributed.communicator()
+    comm = ranks.communicator()
     if comm.size > 1:
-        distributed.install_excepthook(comm)  # an exception on any rank aborts all with one line
+        ranks.install_excepthook(comm)  # an exception on any rank aborts all with one line
         if not comm.is_main:
             sys.stdout = open(os.devnull, "w")  # screen output from rank 0 only
     failure = None
@@ -100,7 +100,7 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("interrupted before training started", file=sys.stderr)
         return 130
-    message, failed = distributed.agree_on_failure(comm, failure)  # every rank stops, one line
+    message, failed = ranks.agree_on_failure(comm, failure)  # every rank stops, one line
     if failed:
         if message:
             print(message, file=sys.stderr)

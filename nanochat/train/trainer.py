@@ -35,6 +35,7 @@ from nanochat.train.schedule import resumed_schedule, trained_schedule_steps
 from nanochat.model.gpt import Model
 from nanochat.train.losses import compute_loss
 from nanochat.train import distributed
+from nanochat.train import ranks
 
 
 class TrainingError(RuntimeError):
@@ -186,7 +187,7 @@ class Trainer:
         self.memory = check_memory(cfg)  # a config that cannot fit is one sentence, before any allocation
         self.be = backend_for(cfg)
         # Data parallelism (nanochat/train/distributed.py): one rank unless started by mpiexec.
-        self.comm = distributed.for_backend(comm if comm is not None else distributed.communicator(), self.be.name)
+        self.comm = ranks.for_backend(comm if comm is not None else ranks.communicator(), self.be.name)
         self.out_dir = Path(out_dir or cfg.train.out_dir or default_out_dir())
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.data = data if data is not None else self._prepare_data()
@@ -420,7 +421,7 @@ class Trainer:
         """
         cfg, t = self.cfg, self.cfg.train
         stop = t.steps if until is None else min(int(until), t.steps)
-        logger = MetricsLogger(self.out_dir, tensorboard=t.tensorboard) if self.comm.is_main else distributed.NullLogger()
+        logger = MetricsLogger(self.out_dir, tensorboard=t.tensorboard) if self.comm.is_main else ranks.NullLogger()
         tokens_per_step = t.batch_size * cfg.model.seq_len * t.grad_accum * self.comm.size  # global
         if self.dist is not None:
             self.dist.stop_flag.__enter__()  # Ctrl-C becomes a flag all ranks agree on each step
@@ -431,7 +432,7 @@ class Trainer:
         started = time.perf_counter()
         self._interrupt_requested = False
         bar = _progress_bar(t.steps, self.state.step, disable=not self.progress) if self.comm.is_main \
-            else distributed.SilentBar()
+            else ranks.SilentBar()
         try:
             try:
                 loader = self._make_loader()
