@@ -234,15 +234,17 @@ class ThreadPolicy:
 
 
 _POLICY = None
+_POLICY_ENV = None  # the NANOCHAT_THREADS value the policy was made with
 
 
 def apply_thread_policy(threads=None):
     """Create (once) and apply the process-wide policy; returns its ``describe()`` dict.
 
     The trainer calls this before its first step, then ``adapt_threads()`` once per step."""
-    global _POLICY
-    if _POLICY is None or threads is not None:
-        _POLICY = ThreadPolicy(threads)
+    global _POLICY, _POLICY_ENV
+    env = os.environ.get(ENV_THREADS)
+    if _POLICY is None or threads is not None or env != _POLICY_ENV:  # NANOCHAT_THREADS is read at each start
+        _POLICY, _POLICY_ENV = ThreadPolicy(threads), env
     _POLICY.apply()
     return _POLICY.describe()
 
