@@ -359,7 +359,7 @@ class Attention(Function):
         kg = k.transpose(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, S, hd]
         vg = v.transpose(0, 2, 1, 3)[:, :, None]  # [B, Hkv, 1, S, dv]
         scores = (qg @ kg.swapaxes(-1, -2)) * scale  # [B, Hkv, G, T, S]
-        if causal:  # query i sits at absolute position S - T + i; key j is visible when j <= that
+        if causal and t > 1:  # query i sits at position S - T + i; key j is visible when j <= that (one query sees all)
             hidden = xp.arange(s_len)[None, :] > (xp.arange(t)[:, None] + (s_len - t))
             scores = xp.where(hidden, -xp.inf, scores)
         e = xp.exp(scores - scores.max(axis=-1, keepdims=True))
