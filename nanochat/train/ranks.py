@@ -179,8 +179,10 @@ def for_backend(comm, backend_name):
 # ----------------------------------------------------------------------------- process control
 
 class StopFlag:
-    """SIGINT sets a flag instead of raising, so ranks never stop in different places; the
-    trainer agrees on it once per step (``DataParallel.agree``)."""
+    """SIGINT sets a flag (``.set``) instead of raising while the block runs: the trainer holds
+    Ctrl-C through a parameter update (no checkpoint sees half of one), and data-parallel ranks
+    never stop in different places (``DataParallel.agree``). Only the main thread can own signal
+    handlers; elsewhere this does nothing."""
 
     def __init__(self):
         self.set = False
@@ -198,6 +200,7 @@ class StopFlag:
 
     def __exit__(self, *exc):
         if self._installed:
+            # None means a handler installed outside Python; the default is the closest we can restore
             signal.signal(signal.SIGINT, signal.SIG_DFL if self._previous is None else self._previous)
         return False
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import copy
 import math
-import signal
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -34,6 +32,7 @@ from nanochat.train.metrics import MetricsLogger, plot_losses, run_title
 from nanochat.train.schedule import resumed_schedule, trained_schedule_steps
 from nanochat.model.gpt import Model
 from nanochat.train.losses import compute_loss
+from nanochat.train.ranks import StopFlag
 from nanochat.train import distributed
 from nanochat.train import ranks
 
@@ -145,29 +144,6 @@ def backend_for(cfg: Config):
         be.dtype = dtype
         be.description = f"{be.description}, {dtype.name} parameters"
     return be
-
-
-class _DeferInterrupt:
-    """Holds Ctrl-C while a parameter update is applied, so no checkpoint sees half of one.
-
-    Only the main thread can own signal handlers; elsewhere this does nothing.
-    """
-
-    def __enter__(self):
-        self.received = False
-        self._installed = threading.current_thread() is threading.main_thread()
-        if self._installed:
-            self._previous = signal.signal(signal.SIGINT, self._note)
-        return self
-
-    def _note(self, signum, frame):
-        self.received = True
-
-    def __exit__(self, *exc_info):
-        if self._installed:
-            # None means a handler installed outside Python; the default is the closest we can restore
-            signal.signal(signal.SIGINT, signal.SIG_DFL if self._previous is None else self._previous)
-        return False
 
 
 class Trainer:
@@ -344,7 +320,7 @@ class Trainer:
             self.dist.reduce(record)
         grads = [p.grad for p in params]
         clip = cfg.optim.grad_clip
-        with _DeferInterrupt() as held:
+        with StopFlag() as held:  # Ctrl-C is held until the update is whole
             if self.dist is not None:
                 grad_norm = self.dist.clip_by_global_norm(clip)
             elif clip > 0:
@@ -372,7 +348,7 @@ class Trainer:
             else:
                 st.nonfinite_in_row += 1
                 st.skipped += 1
-        if held.received:
+        if held.set:
             self._interrupt_requested = True
         if self.dist is not None:  # every rank stops after the same step
             self._interrupt_requested = self.dist.agree(self._interrupt_requested or self.dist.stop_flag.set)
