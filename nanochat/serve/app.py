@@ -142,8 +142,14 @@ async def _collect(queue, on_event, choices, watcher, scheduler, jobs):
         while any(c.finish is None for c in choices):
             on_event(await queue.get())
     finally:
-        watcher.cancel()
-        scheduler.cancel([j for j, c in zip(jobs, choices) if c.finish is None])
+        _release(watcher, scheduler, jobs, choices)
+
+
+def _release(watcher, scheduler, jobs, choices):
+    """A request is over (answered, failed or abandoned): stop watching the client and cancel
+    the sequences still running, so their caches are freed at the next scheduler step."""
+    watcher.cancel()
+    scheduler.cancel([j for j, c in zip(jobs, choices) if c.finish is None])
 
 
 async def _watch_disconnect(request, on_disconnect):
@@ -435,8 +441,7 @@ def create_app(model, *, model_id=None, api_key=None, max_batch=8, max_queue=64,
                     yield chunk([], usage=usage())
                 yield b"data: [DONE]\n\n"
             finally:
-                watcher.cancel()
-                state.scheduler.cancel([j for j, c in zip(jobs, choices) if c.finish is None])
+                _release(watcher, state.scheduler, jobs, choices)
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers=_SSE_HEADERS)
 
@@ -529,8 +534,7 @@ def create_app(model, *, model_id=None, api_key=None, max_batch=8, max_queue=64,
                     yield chunk([], usage=usage())
                 yield b"data: [DONE]\n\n"
             finally:
-                watcher.cancel()
-                state.scheduler.cancel([j for j, c in zip(jobs, choices) if c.finish is None])
+                _release(watcher, state.scheduler, jobs, choices)
 
         return StreamingResponse(stream(), media_type="text/event-stream", headers=_SSE_HEADERS)
 
