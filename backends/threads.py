@@ -15,8 +15,6 @@ the step slowed 25x (issue 17). The policy here:
   this process's, from ``psutil``) and uses the cores left: 2 on an idle 2-core machine, 1 when
   another process holds a core. Leaving a core to the other process costs little; fighting it
   for that core costs everything (every barrier waits a scheduler time slice);
-- ``OPENBLAS_THREAD_TIMEOUT`` (when set before numpy loads, see ``early_environment``) makes idle
-  OpenBLAS workers go to sleep quickly instead of spinning against numba's workers.
 
 ``numba.set_num_threads`` is per calling thread: ``apply``/``adapt`` must run in the thread
 that runs the model (the trainer's main thread), not in a helper thread.
@@ -34,9 +32,6 @@ from pathlib import Path
 ENV_THREADS = "NANOCHAT_THREADS"
 ENV_CACHE = "NANOCHAT_CACHE"
 DEFAULT_CACHE_DIR = "~/.cache/nanochat-ternary"
-# Idle OpenBLAS workers spin for 2**timeout cycles before sleeping (OpenBLAS default 28, about
-# 0.1 s); 2**20 cycles is well under a millisecond, still long enough to bridge back-to-back products.
-OPENBLAS_TIMEOUT = "20"
 COMPILE_NOTICE = "compiling kernels, first run only"
 
 
@@ -69,22 +64,6 @@ def use_user_cache_dir() -> Path:
     if numba is not None:
         numba.config.CACHE_DIR = str(path)
     return path
-
-
-def early_environment():
-    """Environment the thread pools read when their libraries load (call before numpy and
-    numba are imported; later it changes nothing): passive OpenMP waiting, short OpenBLAS spin,
-    numba's user cache directory, and ``NANOCHAT_THREADS`` as the starting pool size."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", OPENBLAS_TIMEOUT)
-    try:
-        fixed = requested_threads()
-    except ValueError:  # reported when the policy is applied, not at import
-        fixed = None
-    if fixed is not None:
-        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "NUMBA_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ.setdefault(var, str(fixed))
-    use_user_cache_dir()
 
 
 def kernels_cached(module_prefix: str = "") -> bool:
