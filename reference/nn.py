@@ -396,6 +396,46 @@ def attention(q, k, v, causal=True, scale=None):
     return Attention.apply(q, k, v, causal=causal, scale=scale)
 
 
+def check_cached_attention_args(q, k, v, k_cache, v_cache, start, cos, sin):
+    """The contract of ``cached_attention`` (every backend checks the same)."""
+    shapes = (f"q {q.shape}, k {k.shape}, v {v.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}, "
+              f"cos {cos.shape}, sin {sin.shape}")
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or k_cache.ndim != 4 or v_cache.ndim != 4:
+        raise ValueError(f"cached_attention: q, k, v and the caches must be 4-D; got {shapes}")
+    if q.shape[0] != 1 or k.shape[:2] != q.shape[:2] or v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"cached_attention: q, k, v must be one sequence [1, T, H, hd] of equal T; got {shapes}")
+    if k_cache.shape[0] != 1 or k_cache.shape[2:] != k.shape[2:] or v_cache.shape[:3] != k_cache.shape[:3] \
+            or v_cache.shape[3] != v.shape[3]:
+        raise ValueError(f"cached_attention: caches must be [1, capacity, Hkv, hd] matching k and v; got {shapes}")
+    if q.shape[3] != k.shape[3] or q.shape[3] % 2 or k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"cached_attention: q and k need one even head_dim and Hq a multiple of Hkv; got {shapes}")
+    t = q.shape[1]
+    if not 0 <= start <= k_cache.shape[1] - t:
+        raise ValueError(f"cached_attention: positions {start}..{start + t} do not fit the cache capacity "
+                         f"{k_cache.shape[1]}")
+    if cos.shape != (t, q.shape[3] // 2) or sin.shape != cos.shape:
+        raise ValueError(f"cached_attention: cos and sin must be [T, hd/2] = {(t, q.shape[3] // 2)}; got {shapes}")
+
+
+def cached_attention(q, k, v, k_cache, v_cache, start, cos, sin):
+    """One attention step of one sequence over its KV cache (inference; no gradient).
+
+    q [1, T, Hq, hd], k [1, T, Hkv, hd], v [1, T, Hkv, dv] (float32, before RoPE) for the
+    positions ``start .. start + T - 1``; ``cos``/``sin`` [T, hd/2] their RoPE tables; caches
+    [1, capacity, Hkv, hd|dv] (float64). Writes ``rope_rotate(k)`` and ``v`` into the caches at
+    those positions and returns the causal attention of ``rope_rotate(q)`` over cache positions
+    ``0 .. start + T - 1``, computed in float64 and rounded to float32 ``[1, T, Hq, dv]``. It is
+    exactly this composition of ``rope_rotate`` and ``attention``; backends fuse it.
+    """
+    check_cached_attention_args(q, k, v, k_cache, v_cache, start, cos, sin)
+    end = start + q.shape[1]
+    k_cache[:, start:end] = rope_rotate(k, cos, sin)
+    v_cache[:, start:end] = v
+    q64 = rope_rotate(q, cos, sin).astype(np.float64)
+    out = attention(q64, k_cache[:, :end], v_cache[:, :end], causal=True)
+    return (out.data if isinstance(out, Tensor) else out).astype(np.float32)
+
+
 # --- cross-entropy -------------------------------------------------------------------------
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -543,6 +583,6 @@ OPS = {
     "swiglu": swiglu, "relu2_glu": relu2_glu,
     "rmsnorm": rmsnorm,
     "rope": rope, "rope_tables": rope_tables, "rope_rotate": rope_rotate,
-    "attention": attention,
+    "attention": attention, "cached_attention": cached_attention,
     "cross_entropy": cross_entropy, "cross_entropy_per_token": cross_entropy_per_token,
 }

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import builtins
 
-from .autograd import Function, array_module
+from .autograd import Function, Tensor, array_module
 
 
 def _check_same_dtype(op, *arrays):
@@ -344,7 +344,23 @@ def max(a, axis=None, keepdims=False):  # noqa: A001 - mirrors numpy
     return Max.apply(a, axis=axis, keepdims=keepdims)
 
 
+def check_linear_rows(x, w):
+    if getattr(x, "ndim", 0) != 2 or getattr(w, "ndim", 0) != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"linear_rows: x must be [N, K] and w [M, K]; got x {getattr(x, 'shape', None)}, "
+                         f"w {getattr(w, 'shape', None)}")
+    _check_same_dtype("linear_rows", x, w)
+
+
+def linear_rows(x, w):
+    """``x [N, K] @ w [M, K].T -> [N, M]`` on plain arrays (inference: the float LM head);
+    no gradient. Backends may run it as one pass per weight row."""
+    x, w = (a.data if isinstance(a, Tensor) else a for a in (x, w))
+    check_linear_rows(x, w)
+    return x @ w.T
+
+
 OPS = {
+    "linear_rows": linear_rows,
     "add": add, "sub": sub, "mul": mul, "div": div, "neg": neg, "matmul": matmul,
     "reshape": reshape, "transpose": transpose, "getitem": getitem, "concat": concat,
     "split": split, "gather": gather, "sum": sum, "mean": mean, "max": max, "exp": exp, "log": log,

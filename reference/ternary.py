@@ -442,6 +442,24 @@ def packed_gemm(handle, xq, xs):
     return (xs.astype(np.float64)[:, None] * acc).astype(np.float32)
 
 
+def check_linear_acts(weight_shape, x):
+    """The argument checks of every backend's packed_linear: float ``x [N, K]``."""
+    require_float("packed_linear", "x", x)
+    if x.ndim != 2 or x.shape[1] != weight_shape[1]:
+        raise ValueError(f"packed_linear: x has shape {x.shape}, expected [N, {weight_shape[1]}] for weights {weight_shape}")
+
+
+def packed_linear(handle, x):
+    """``packed_linear(handle, x float [N, K]) -> float32 [N, M]``: a BitLinear layer at
+    inference, ``packed_gemm(handle, *quantize_acts(x))`` (absmax int8 per row, then the packed
+    product). Backends fuse the two."""
+    _check_handle("packed_linear", handle)
+    x = _data(x)
+    check_linear_acts(handle.shape, x)
+    xq, xs = quantize_acts(x)
+    return packed_gemm(handle, xq, xs)
+
+
 def check_int8_linear(xq, xs, wq, ws):
     """The argument checks of every backend's ``int8_linear``."""
     for name, a in (("xq", xq), ("wq", wq)):
@@ -482,5 +500,6 @@ OPS = {
     "prepare_packed": prepare_packed,
     "packed_gemv": packed_gemv,
     "packed_gemm": packed_gemm,
+    "packed_linear": packed_linear,
     "int8_linear": int8_linear,
 }

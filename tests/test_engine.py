@@ -164,28 +164,24 @@ def test_rewind_restores_deltanet_state_across_snapshots():
         engine.rewind(5)
 
 
-def test_prefill_uses_packed_gemm_and_decode_uses_packed_gemv():
-    calls = {"gemm": 0, "gemv": 0}
+def test_prefill_and_decode_run_one_packed_product_per_stacked_matrix():
+    rows = []
     ref = get_backend("numpy")
 
-    def gemm(h, xq, xs):
-        calls["gemm"] += 1
-        return ref.packed_gemm(h, xq, xs)
+    def packed_linear(h, x):
+        rows.append(x.shape[0])
+        return ref.packed_linear(h, x)
 
-    def gemv(h, xq, xs):
-        calls["gemv"] += 1
-        return ref.packed_gemv(h, xq, xs)
-
-    spy = Backend("spy", np, {"packed_gemm": gemm, "packed_gemv": gemv})
+    spy = Backend("spy", np, {"packed_linear": packed_linear})
     cfg, model, _ = built("gqa_subln", "numpy")
     engine = Engine(loaded_from_model(model, cfg), spy)
     # q/k/v and gate/up are stacked: per layer one product for q/k/v, wo, gate/up, w_down.
     n_products = 4 * cfg.model.n_layers
     assert len(engine.linear.matrices) == n_products < len(expected_tensors(cfg.model)[1])
     engine.feed(token_ids(6))
-    assert calls == {"gemm": n_products, "gemv": 0}
+    assert rows == [6] * n_products  # prefill: all six tokens in each product (GEMM)
     engine.step(5)
-    assert calls == {"gemm": n_products, "gemv": n_products}
+    assert rows == [6] * n_products + [1] * n_products  # decode: one row (GEMV)
 
 
 def test_dequantized_float_path_computes_the_same_model():

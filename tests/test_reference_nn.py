@@ -376,6 +376,20 @@ def test_cross_entropy_per_token_accepts_tensors_and_records_nothing():
     assert isinstance(per, np.ndarray) and per.shape == (3,)
 
 
+def test_cached_attention_steps_agree_with_attention_over_the_whole_sequence():
+    # Token by token through the cache == one causal attention over all RoPE'd positions.
+    q, k, v = (randn(1, 7, n, 8).astype(np.float32) for n in (4, 2, 2))
+    cos, sin = nn.rope_tables(np.arange(7), 8)
+    kc, vc = np.zeros((1, 7, 2, 8)), np.zeros((1, 7, 2, 8))
+    steps = np.concatenate([nn.cached_attention(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], kc, vc, t,
+                                                cos[t:t + 1], sin[t:t + 1]) for t in range(7)], axis=1)
+    whole = nn.attention(nn.rope_rotate(q, cos, sin).astype(np.float64), nn.rope_rotate(k, cos, sin).astype(np.float64),
+                         v.astype(np.float64), causal=True).data
+    assert steps.dtype == np.float32
+    np.testing.assert_allclose(steps, whole, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(vc, v)
+
+
 # --- bad input -----------------------------------------------------------------------------
 
 
@@ -388,6 +402,14 @@ def test_cross_entropy_per_token_accepts_tensors_and_records_nothing():
     (lambda: nn.attention(randn(2, 4, 4, 8), randn(1, 4, 2, 8), randn(1, 4, 2, 8)), r"batch.*\(2, 4, 4, 8\)"),
     (lambda: nn.attention(randn(1, 5, 4, 8), randn(1, 3, 2, 8), randn(1, 3, 2, 8)), r"S=3 < T=5"),
     (lambda: nn.attention(randn(4, 4, 8), randn(4, 2, 8), randn(4, 2, 8)), r"4-D.*\(4, 4, 8\)"),
+    (lambda: nn.cached_attention(randn(1, 1, 4, 8), randn(1, 1, 2, 8), randn(1, 1, 2, 8), np.zeros((1, 4, 2, 8)),
+                                 np.zeros((1, 4, 2, 8)), 4, *nn.rope_tables(np.arange(1), 8)), r"capacity 4"),
+    (lambda: nn.cached_attention(randn(1, 2, 4, 8), randn(1, 2, 2, 8), randn(1, 2, 2, 8), np.zeros((1, 4, 2, 8)),
+                                 np.zeros((1, 4, 2, 8)), 0, *nn.rope_tables(np.arange(1), 8)), r"cos and sin must be \[T, hd/2\]"),
+    (lambda: nn.cached_attention(randn(2, 1, 4, 8), randn(2, 1, 2, 8), randn(2, 1, 2, 8), np.zeros((1, 4, 2, 8)),
+                                 np.zeros((1, 4, 2, 8)), 0, *nn.rope_tables(np.arange(1), 8)), r"one sequence"),
+    (lambda: nn.cached_attention(randn(1, 1, 4, 8), randn(1, 1, 2, 8), randn(1, 1, 2, 8), np.zeros((1, 4, 3, 8)),
+                                 np.zeros((1, 4, 3, 8)), 0, *nn.rope_tables(np.arange(1), 8)), r"caches must be"),
     (lambda: nn.rope(randn(1, 4, 2, 7), np.arange(4)), r"head_dim 7"),
     (lambda: nn.rope(randn(1, 4, 2, 8), np.arange(5)), r"positions shape \(5,\).*\(1, 4, 2, 8\)"),
     (lambda: nn.rope(randn(1, 4, 2, 8), np.arange(4.0)), r"integers"),

@@ -407,6 +407,9 @@ BAD = {
     "gemm_wrong_k": (lambda: T.packed_gemm(HANDLE, np.ones((2, 120), np.int8), np.ones(2, np.float32)), r"\(2, 120\)"),
     "gemm_scale_shape": (lambda: T.packed_gemm(HANDLE, np.ones((2, 128), np.int8), np.ones(3, np.float32)), r"\(2,\)"),
     "gemm_foreign_handle": (lambda: T.packed_gemm(object(), np.ones((2, 128), np.int8), np.ones(2, np.float32)), "PackedTernary"),
+    "linear_int_acts": (lambda: T.packed_linear(HANDLE, np.ones((2, 128), np.int8)), "float"),
+    "linear_wrong_k": (lambda: T.packed_linear(HANDLE, np.ones((2, 120), np.float32)), r"\(2, 120\)"),
+    "linear_one_axis": (lambda: T.packed_linear(HANDLE, np.ones(128, np.float32)), r"\[N, 128\]"),
 }
 
 
@@ -420,7 +423,7 @@ def test_bad_input_is_a_clear_value_error(name):
 def test_ops_table_lists_every_ternary_op():
     assert set(T.OPS) == {
         "round_half_away", "quantize_weights", "quantize_acts", "dequantize_weights", "ternary_linear", "dense_linear",
-        "pack_ternary", "unpack_ternary", "prepare_packed", "packed_gemv", "packed_gemm", "int8_linear",
+        "pack_ternary", "unpack_ternary", "prepare_packed", "packed_gemv", "packed_gemm", "packed_linear", "int8_linear",
     }
 
 

@@ -308,6 +308,24 @@ def _check_packed(be, rng):
             assert_close(got, want, f"{be.name}.packed_gemv {(m, k, g)} row {row}")
 
 
+@check("packed_linear")
+def _check_packed_linear(be, rng):
+    # Float rows quantized per row, then the packed product: one row (decode), several rows,
+    # an all-zero row, a K that is a single group.
+    for m, k, g, n in [(37, 256, 64, 1), (600, 256, 64, 5), (16, 512, 256, 3), (7, 20, 20, 2), (70, 2112, 64, 1)]:
+        packed, scales = _packed_case(rng, m, k, g)
+        handle = be.prepare_packed(be.asarray(packed), be.asarray(scales), g)
+        handle_ref = reference.OPS["prepare_packed"](packed, scales, g)
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        if n > 1:
+            x[1] = 0.0
+        got = be.to_numpy(be.packed_linear(handle, be.asarray(x)))
+        assert got.dtype == np.float32 and got.shape == (n, m)
+        assert_close(got, reference.OPS["packed_linear"](handle_ref, x), f"{be.name}.packed_linear {(m, k, g, n)}")
+    with pytest.raises(ValueError, match="packed_linear"):
+        be.packed_linear(handle, be.asarray(np.zeros((1, k + 4), np.float32)))
+
+
 @check("int8_linear")
 def _check_int8_linear(be, rng):
     # Exact integer sums: the result must equal the reference's bit for bit (extreme codes
@@ -322,6 +340,50 @@ def _check_int8_linear(be, rng):
         got = be.to_numpy(be.int8_linear(be.asarray(xq), be.asarray(xs), be.asarray(wq), be.asarray(ws)))
         assert got.dtype == np.float32 and got.shape == (n, m)
         assert_exact(got, reference.OPS["int8_linear"](xq, xs, wq, ws), f"{be.name}.int8_linear {(n, m, k)}")
+
+
+@check("linear_rows")
+def _check_linear_rows(be, rng):
+    # One row (decode), a K that is no multiple of 8, empty N and K, more rows than the row
+    # kernel takes (BLAS then), a non-contiguous weight.
+    for n, m, k in [(1, 4096, 256), (3, 37, 13), (0, 5, 8), (2, 5, 0), (12, 33, 40)]:
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        w = rng.standard_normal((m, k)).astype(np.float32)
+        got = be.to_numpy(be.linear_rows(be.asarray(x), be.asarray(w)))
+        assert got.dtype == np.float32 and got.shape == (n, m)
+        assert_close(got, x.astype(np.float64) @ w.astype(np.float64).T, f"{be.name}.linear_rows {(n, m, k)}")
+    w = rng.standard_normal((16, 24)).astype(np.float32)[:, ::2]
+    x = rng.standard_normal((1, 12)).astype(np.float32)
+    assert_close(be.to_numpy(be.linear_rows(be.asarray(x), be.asarray(w))), x.astype(np.float64) @ w.T.astype(np.float64),
+                 f"{be.name}.linear_rows strided w")
+
+
+@check("cached_attention")
+def _check_cached_attention(be, rng):
+    # (T, start, Hq, Hkv, hd, dv, capacity): a decode step at position 0, decode deep in a
+    # cache with GQA, a chunk continuing a sequence with hd/2 odd, a prefill large enough to
+    # run heads in parallel, and one query head per kv head.
+    for t, start, n_q, n_kv, hd, dv, cap in [(1, 0, 4, 4, 8, 8, 4), (1, 37, 6, 2, 16, 16, 40),
+                                             (5, 3, 4, 2, 6, 6, 9), (64, 0, 8, 4, 64, 64, 64), (3, 10, 2, 2, 4, 5, 32)]:
+        q = rng.standard_normal((1, t, n_q, hd)).astype(np.float32)
+        k = rng.standard_normal((1, t, n_kv, hd)).astype(np.float32)
+        v = rng.standard_normal((1, t, n_kv, dv)).astype(np.float32)
+        cos, sin = (a.astype(np.float32) for a in reference.OPS["rope_tables"](np.arange(start, start + t), hd, 10000.0, np.float64))
+        kc = rng.standard_normal((1, cap, n_kv, hd))
+        vc = rng.standard_normal((1, cap, n_kv, dv))
+        kc_ref, vc_ref = kc.copy(), vc.copy()
+        kc_be, vc_be = be.asarray(kc), be.asarray(vc)
+        got = be.to_numpy(be.cached_attention(be.asarray(q), be.asarray(k), be.asarray(v), kc_be, vc_be, start,
+                                              be.asarray(cos), be.asarray(sin)))
+        want = reference.OPS["cached_attention"](q, k, v, kc_ref, vc_ref, start, cos, sin)
+        what = f"{be.name}.cached_attention T={t} start={start} heads {n_q}/{n_kv} hd={hd}"
+        assert got.dtype == np.float32 and got.shape == (1, t, n_q, dv)
+        assert_close(got, want, what)
+        # The cache holds the float32 RoPE results exactly, and nothing outside the written rows changed.
+        assert_exact(be.to_numpy(kc_be), kc_ref, what + " k cache")
+        assert_exact(be.to_numpy(vc_be), vc_ref, what + " v cache")
+    with pytest.raises(ValueError, match="capacity"):
+        be.cached_attention(be.asarray(q), be.asarray(k), be.asarray(v), kc_be, vc_be, cap, be.asarray(cos), be.asarray(sin))
 
 
 # --- nn ops -----------------------------------------------------------------------------------

@@ -270,6 +270,19 @@ def packed_gemm(handle, xq, xs):
     return _int8_gemm(xq, cp.asarray(xs, dtype=cp.float32), handle.int8, handle.scales, handle.group_size)
 
 
+def packed_linear(handle, x):
+    """``reference.ternary.packed_linear``: int8 activations per row, then the GEMV (one row)
+    or the GEMM."""
+    from reference.ternary import check_linear_acts
+
+    x = _data(x)
+    check_linear_acts(handle.shape, x)
+    xq, xs = quantize_acts(x)
+    if xq.shape[0] == 1:
+        return packed_gemv(handle, xq[0], xs[0])[None, :]
+    return packed_gemm(handle, xq, xs)
+
+
 # ------------------------------------------------------------------------------ nn ops
 class RMSNorm(Function):
     @staticmethod
@@ -751,6 +764,7 @@ OPS = {
     "prepare_packed": prepare_packed,
     "packed_gemv": packed_gemv,
     "packed_gemm": packed_gemm,
+    "packed_linear": packed_linear,
     "rmsnorm": rmsnorm,
     "swiglu": SwiGLU.apply,
     "relu2_glu": ReLU2GLU.apply,

@@ -18,7 +18,7 @@ from numba import njit, prange
 from reference import ternary as ref
 
 from . import cpu_features, packed_plain, packed_x86
-from .quant import _data
+from .quant import _data, quantize_acts
 
 DEFAULT_PATH = cpu_features.default_path()
 
@@ -154,8 +154,19 @@ def packed_gemm(handle, xq, xs):
     return _run(handle, np.ascontiguousarray(xq), np.ascontiguousarray(xs, dtype=np.float64))
 
 
+def packed_linear(handle, x):
+    """``reference.ternary.packed_linear``: ``x float [N, K]`` quantized to int8 per row, then the
+    packed product; one call, so a decode step's linear layer pays one argument check."""
+    _check_handle("packed_linear", handle)
+    x = _data(x)
+    ref.check_linear_acts(handle.shape, x)
+    xq, xs = quantize_acts(x)
+    return _run(handle, xq, xs.astype(np.float64))
+
+
 OPS = {
     "prepare_packed": prepare_packed,
+    "packed_linear": packed_linear,
     "packed_gemv": packed_gemv,
     "packed_gemm": packed_gemm,
 }

@@ -32,7 +32,8 @@ def _grown(xp, old, length):
 
 
 class KVCache:
-    """Keys (after RoPE) and values of one attention layer: float64 ``[1, capacity, Hkv, hd]``."""
+    """Keys (after RoPE) and values of one attention layer: float64 ``[1, capacity, Hkv, hd]``,
+    written by the ``cached_attention`` op."""
 
     def __init__(self, xp, capacity, n_kv, head_dim):
         self.xp = xp
@@ -42,11 +43,6 @@ class KVCache:
     def reserve(self, length):
         if length > self.k.shape[1]:
             self.k, self.v = _grown(self.xp, self.k, length), _grown(self.xp, self.v, length)
-
-    def write(self, start, k, v):
-        t = k.shape[1]
-        self.k[:, start:start + t] = k
-        self.v[:, start:start + t] = v
 
     def rewind_to(self, be, position):
         """Entries past ``position`` are simply overwritten later."""

@@ -130,13 +130,9 @@ class AttentionMixer:
             k = F.rope(k, run.positions, theta=c.rope_theta)
             o = F.attention(q, k, v, causal=True)
         else:
-            outs = []
-            for i, kv in enumerate(states):
-                start, tables = run.starts[i], run.rope_tables[i]
-                qi = F.rope_rotate(q[i:i + 1], *tables)
-                kv.write(start, F.rope_rotate(k[i:i + 1], *tables), v[i:i + 1])
-                end = start + t
-                outs.append(run.down(F.attention(run.up(qi), kv.k[:, :end], kv.v[:, :end], causal=True)))
+            # RoPE, the cache write and the float64 attention core in one op per sequence.
+            outs = [F.cached_attention(q[i:i + 1], k[i:i + 1], v[i:i + 1], kv.k, kv.v, run.starts[i], *run.rope_tables[i])
+                    for i, kv in enumerate(states)]
             o = outs[0] if b == 1 else self.m.be.xp.concatenate(outs)
         o = o.reshape(b, t, c.n_heads * hd)
         if c.sub_norm:
@@ -395,7 +391,7 @@ class Model:
         the kept rows only (the filtered tokens' loss weights are zero, so skipping is exact)."""
         w = self.params["tok_embeddings" if self.cfg.tie_embeddings else "lm_head"]
         if run is not None and run.inference:
-            return run.head(h2) if run.head is not None else h2 @ w.T
+            return run.head(h2) if run.head is not None else run.F.linear_rows(h2, w)
         return self.be.dense_linear(h2, w, keep=keep)
 
     def mtp_hidden(self, h, i, keep=None, linear=None):

@@ -8,8 +8,8 @@
   Collider's row selection (``keep``) for a sparse backward. Autograd sees every call.
 - ``PackedLinear``: inference on packed 2-bit weights. Projections that read the same input
   (attention q/k/v, DeltaNet q/k/v/gate, FFN gate/up) are stacked into one matrix at load
-  time, so one activation quantization and one product serve them all: ``packed_gemm`` for
-  N > 1 rows (prefill, batched decode), ``packed_gemv`` for one row (decode). With
+  time, so one activation quantization and one product serve them all (``packed_linear``:
+  int8 activations per row, then the packed GEMM, or GEMV for one row). With
   ``dequantized=True`` the product is a float32 matmul with ``W = q * s`` on the same int8
   activations (the float baseline of the decode benchmark).
 """
@@ -124,13 +124,11 @@ class PackedLinear:
 
     def _product(self, key, x2):
         """The (stacked) matrix ``key`` times int8-quantized rows ``x2`` (one scale per row)."""
-        xq, xs = self.be.quantize_acts(x2 if x2.flags.c_contiguous else self.xp.ascontiguousarray(x2))
         w = self.matrices[key]
-        if self.dequantized:
-            return (xq.astype(F32) @ w.T) * xs[:, None]
-        if xq.shape[0] == 1:
-            return self.be.packed_gemv(w, xq[0], xs[0])[None, :]
-        return self.be.packed_gemm(w, xq, xs)
+        if not self.dequantized:
+            return self.be.packed_linear(w, x2)
+        xq, xs = self.be.quantize_acts(x2 if x2.flags.c_contiguous else self.xp.ascontiguousarray(x2))
+        return (xq.astype(F32) @ w.T) * xs[:, None]
 
 
 class Int8Head:
