@@ -123,8 +123,7 @@ class Tensor:
     def __init__(self, data, requires_grad=False, name=None, _node=None):
         if isinstance(data, Tensor):
             data = data.data
-        xp = array_module(data)
-        self.data = data if hasattr(data, "shape") and hasattr(data, "dtype") else xp.asarray(data)
+        self.data = data if hasattr(data, "shape") and hasattr(data, "dtype") else array_module(data).asarray(data)
         self.grad = None
         self.requires_grad = bool(requires_grad)
         self._node = _node

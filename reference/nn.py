@@ -398,23 +398,24 @@ def attention(q, k, v, causal=True, scale=None):
 
 def check_cached_attention_args(q, k, v, k_cache, v_cache, start, cos, sin):
     """The contract of ``cached_attention`` (every backend checks the same)."""
-    shapes = (f"q {q.shape}, k {k.shape}, v {v.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}, "
-              f"cos {cos.shape}, sin {sin.shape}")
+    def fail(problem):
+        raise ValueError(f"cached_attention: {problem}; got q {q.shape}, k {k.shape}, v {v.shape}, k_cache "
+                         f"{k_cache.shape}, v_cache {v_cache.shape}, cos {cos.shape}, sin {sin.shape}")
+
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or k_cache.ndim != 4 or v_cache.ndim != 4:
-        raise ValueError(f"cached_attention: q, k, v and the caches must be 4-D; got {shapes}")
+        fail("q, k, v and the caches must be 4-D")
     if q.shape[0] != 1 or k.shape[:2] != q.shape[:2] or v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"cached_attention: q, k, v must be one sequence [1, T, H, hd] of equal T; got {shapes}")
+        fail("q, k, v must be one sequence [1, T, H, hd] of equal T")
     if k_cache.shape[0] != 1 or k_cache.shape[2:] != k.shape[2:] or v_cache.shape[:3] != k_cache.shape[:3] \
             or v_cache.shape[3] != v.shape[3]:
-        raise ValueError(f"cached_attention: caches must be [1, capacity, Hkv, hd] matching k and v; got {shapes}")
+        fail("caches must be [1, capacity, Hkv, hd] matching k and v")
     if q.shape[3] != k.shape[3] or q.shape[3] % 2 or k.shape[2] == 0 or q.shape[2] % k.shape[2]:
-        raise ValueError(f"cached_attention: q and k need one even head_dim and Hq a multiple of Hkv; got {shapes}")
+        fail("q and k need one even head_dim and Hq a multiple of Hkv")
     t = q.shape[1]
     if not 0 <= start <= k_cache.shape[1] - t:
-        raise ValueError(f"cached_attention: positions {start}..{start + t} do not fit the cache capacity "
-                         f"{k_cache.shape[1]}")
+        fail(f"positions {start}..{start + t} do not fit the cache capacity {k_cache.shape[1]}")
     if cos.shape != (t, q.shape[3] // 2) or sin.shape != cos.shape:
-        raise ValueError(f"cached_attention: cos and sin must be [T, hd/2] = {(t, q.shape[3] // 2)}; got {shapes}")
+        fail(f"cos and sin must be [T, hd/2] = {(t, q.shape[3] // 2)}")
 
 
 def cached_attention(q, k, v, k_cache, v_cache, start, cos, sin):
@@ -422,7 +423,7 @@ def cached_attention(q, k, v, k_cache, v_cache, start, cos, sin):
 
     q [1, T, Hq, hd], k [1, T, Hkv, hd], v [1, T, Hkv, dv] (float32, before RoPE) for the
     positions ``start .. start + T - 1``; ``cos``/``sin`` [T, hd/2] their RoPE tables; caches
-    [1, capacity, Hkv, hd|dv] (float64). Writes ``rope_rotate(k)`` and ``v`` into the caches at
+    [1, capacity, Hkv, hd|dv] (float32: they hold float32 values exactly). Writes ``rope_rotate(k)`` and ``v`` into the caches at
     those positions and returns the causal attention of ``rope_rotate(q)`` over cache positions
     ``0 .. start + T - 1``, computed in float64 and rounded to float32 ``[1, T, Hq, dv]``. It is
     exactly this composition of ``rope_rotate`` and ``attention``; backends fuse it.
@@ -432,7 +433,7 @@ def cached_attention(q, k, v, k_cache, v_cache, start, cos, sin):
     k_cache[:, start:end] = rope_rotate(k, cos, sin)
     v_cache[:, start:end] = v
     q64 = rope_rotate(q, cos, sin).astype(np.float64)
-    out = attention(q64, k_cache[:, :end], v_cache[:, :end], causal=True)
+    out = attention(q64, k_cache[:, :end].astype(np.float64), v_cache[:, :end].astype(np.float64), causal=True)
     return (out.data if isinstance(out, Tensor) else out).astype(np.float32)
 
 

@@ -380,7 +380,7 @@ def test_cached_attention_steps_agree_with_attention_over_the_whole_sequence():
     # Token by token through the cache == one causal attention over all RoPE'd positions.
     q, k, v = (randn(1, 7, n, 8).astype(np.float32) for n in (4, 2, 2))
     cos, sin = nn.rope_tables(np.arange(7), 8)
-    kc, vc = np.zeros((1, 7, 2, 8)), np.zeros((1, 7, 2, 8))
+    kc, vc = np.zeros((1, 7, 2, 8), np.float32), np.zeros((1, 7, 2, 8), np.float32)
     steps = np.concatenate([nn.cached_attention(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], kc, vc, t,
                                                 cos[t:t + 1], sin[t:t + 1]) for t in range(7)], axis=1)
     whole = nn.attention(nn.rope_rotate(q, cos, sin).astype(np.float64), nn.rope_rotate(k, cos, sin).astype(np.float64),

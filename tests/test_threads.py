@@ -107,3 +107,40 @@ def test_start_training_applies_the_policy(monkeypatch, tmp_path):
         numba.set_num_threads(before)
         monkeypatch.delenv(threads.ENV_THREADS)
         threads.apply_thread_policy(threads.available_cores())
+
+
+def _spin_probe(env_extra, start_pool_first=False):
+    """Run inference_spin in a fresh process; return (its answer, GOMP_SPINCOUNT, spinning_workers)."""
+    env = dict(os.environ, **env_extra)
+    if "GOMP_SPINCOUNT" not in env_extra:
+        env.pop("GOMP_SPINCOUNT", None)
+    code = ("import os, numba, numpy as np\n"
+            "from backends import threads\n"
+            + ("numba.njit(parallel=True)(lambda a: a.sum())(np.ones(64))\n" if start_pool_first else "")
+            + "r = threads.inference_spin()\n"
+            "print(r, os.environ.get('GOMP_SPINCOUNT'), threads.spinning_workers())\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                         check=True, timeout=120)
+    return out.stdout.split()
+
+
+def test_inference_spin_sets_the_spin_count_before_the_pool_starts():
+    assert _spin_probe({}) == ["True", threads.INFERENCE_SPINCOUNT, "True"]
+
+
+def test_inference_spin_keeps_the_users_setting():
+    assert _spin_probe({"GOMP_SPINCOUNT": "0"}) == ["False", "0", "False"]
+    assert _spin_probe({"GOMP_SPINCOUNT": "10k"}) == ["True", "10k", "True"]
+
+
+def test_inference_spin_changes_nothing_once_the_pool_runs():
+    """libgomp read its environment when the pool started: a later setting would be a lie."""
+    assert _spin_probe({}, start_pool_first=True) == ["False", "None", "False"]
+
+
+def test_packed_products_go_parallel_sooner_with_spinning_workers(monkeypatch):
+    packed = pytest.importorskip("backends.numba_backend.packed")
+    monkeypatch.setattr(threads, "_SPINNING", True)
+    assert packed._min_macs() == packed.SPINNING_MIN_MACS
+    monkeypatch.setattr(threads, "_SPINNING", False)
+    assert packed._min_macs() == packed.PARALLEL_MIN_MACS

@@ -362,15 +362,17 @@ def _check_linear_rows(be, rng):
 def _check_cached_attention(be, rng):
     # (T, start, Hq, Hkv, hd, dv, capacity): a decode step at position 0, decode deep in a
     # cache with GQA, a chunk continuing a sequence with hd/2 odd, a prefill large enough to
-    # run heads in parallel, and one query head per kv head.
+    # split its rows over threads, one query head per kv head, and one decode row over a cache
+    # long enough to split its heads over threads.
     for t, start, n_q, n_kv, hd, dv, cap in [(1, 0, 4, 4, 8, 8, 4), (1, 37, 6, 2, 16, 16, 40),
-                                             (5, 3, 4, 2, 6, 6, 9), (64, 0, 8, 4, 64, 64, 64), (3, 10, 2, 2, 4, 5, 32)]:
+                                             (5, 3, 4, 2, 6, 6, 9), (64, 0, 8, 4, 64, 64, 64), (3, 10, 2, 2, 4, 5, 32),
+                                             (1, 3000, 8, 4, 64, 64, 3001)]:
         q = rng.standard_normal((1, t, n_q, hd)).astype(np.float32)
         k = rng.standard_normal((1, t, n_kv, hd)).astype(np.float32)
         v = rng.standard_normal((1, t, n_kv, dv)).astype(np.float32)
         cos, sin = (a.astype(np.float32) for a in reference.OPS["rope_tables"](np.arange(start, start + t), hd, 10000.0, np.float64))
-        kc = rng.standard_normal((1, cap, n_kv, hd))
-        vc = rng.standard_normal((1, cap, n_kv, dv))
+        kc = rng.standard_normal((1, cap, n_kv, hd)).astype(np.float32)
+        vc = rng.standard_normal((1, cap, n_kv, dv)).astype(np.float32)
         kc_ref, vc_ref = kc.copy(), vc.copy()
         kc_be, vc_be = be.asarray(kc), be.asarray(vc)
         got = be.to_numpy(be.cached_attention(be.asarray(q), be.asarray(k), be.asarray(v), kc_be, vc_be, start,

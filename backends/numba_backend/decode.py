@@ -2,24 +2,29 @@
 LM head's product, each one call instead of a chain of small ops.
 
 - ``cached_attention``: ``reference.nn.cached_attention`` fused: RoPE on q and k (float32, the
-  same arithmetic as ``rope_rotate``), the cache write, and the causal attention in float64
-  (scores, max-shifted exponentials, normalised probabilities, weighted values; the reference's
-  order of operations; dot products summed in any order), rounded to float32. No [T, S] score matrix: each query row keeps one
-  row of scores, so prefill memory is O(S) per thread. Query heads run in parallel when the
-  call is large (prefill), serially for a decode step.
+  same arithmetic as ``rope_rotate``), the write into the float32 cache, and the causal
+  attention in float64 with the cached values widened as they are read (scores, max-shifted
+  exponentials, normalised probabilities, weighted values: the reference's order of
+  operations, dot products summed in any order), rounded to float32. No [T, S] score matrix:
+  a query row keeps one row of scores per head, so prefill memory is O(S) per thread. Large
+  calls run on numba's threads: query rows for prefill, query heads for one decode row.
 - ``linear_rows``: ``x @ w.T`` for a few float32 rows (the LM head at decode), the vocabulary
   rows split over numba's threads, each dot product vectorized (float32, summed in any order,
-  like BLAS). BLAS is held at one thread during inference (its spinning
-  workers fight numba's), and the head is the one product large enough to want two.
+  like BLAS). BLAS is held at one thread during inference (its spinning workers fight
+  numba's), and the head is the one product large enough to want two.
 """
 from __future__ import annotations
 
+import math
+
+import numba
 import numpy as np
 from numba import njit, prange
 
 from reference import nn as ref_nn
 from reference import ops as ref_ops
 
+from .. import threads
 from .dispatch import parallel_when_large
 from .quant import _data
 
@@ -53,57 +58,94 @@ def _rope_into(x, cos, sin, out, start):
                 out[start + t, h, i + half] = x2 * c + x1 * s
 
 
-@parallel_when_large(cache=True, fastmath=_REASSOC, error_model="numpy")
-def _attend(q, kc, vc, start, scale, out):
-    """out[t, hq] = softmax(scale q[t, hq] . kc[:start+t+1, hq // G]) @ vc[:start+t+1, hq // G]."""
-    t_len, n_q, hd = q.shape
-    n_kv, dv = kc.shape[1], vc.shape[2]
-    group = n_q // n_kv
-    for hq in prange(n_q):
-        h = hq // group
-        scores = np.empty(start + t_len, _F64)
-        acc = np.empty(dv, _F64)
-        for t in range(t_len):
-            end = start + t + 1
-            qt = q[t, hq]
-            m = -np.inf
-            for j in range(end):
-                s = _dot(qt, kc[j, h], hd) * scale
-                scores[j] = s
-                if s > m:
-                    m = s
-            total = 0.0
-            for j in range(end):
-                e = np.exp(scores[j] - m)
-                scores[j] = e
-                total += e
-            acc[:] = 0.0
-            for j in range(end):
-                p = scores[j] / total
-                row = vc[j, h]
-                for d in range(dv):
-                    acc[d] += p * row[d]
+@njit(cache=True, fastmath=_REASSOC, error_model="numpy")
+def _attend_row(q, kc, vc, t, end, h0, h1, scale, scores, acc, out):
+    """out[t, hq] = softmax(scale q[t, hq] . kc[:end, hq // G]) @ vc[:end, hq // G] for query
+    heads h0 .. h1 - 1. Positions outermost: the cache is read front to back once for the
+    scores and once for the values."""
+    hd = q.shape[2]
+    group = q.shape[1] // kc.shape[1]
+    dv = vc.shape[2]
+    for hq in range(h0, h1):
+        for d in range(dv):
+            acc[hq, d] = 0.0
+    for j in range(end):
+        for hq in range(h0, h1):
+            scores[hq, j] = _dot(q[t, hq], kc[j, hq // group], hd) * scale
+    for hq in range(h0, h1):
+        m = -np.inf
+        for j in range(end):
+            if scores[hq, j] > m:
+                m = scores[hq, j]
+        total = 0.0
+        for j in range(end):
+            e = np.exp(scores[hq, j] - m)
+            scores[hq, j] = e
+            total += e
+        for j in range(end):
+            scores[hq, j] /= total
+    for j in range(end):
+        for hq in range(h0, h1):
+            p = scores[hq, j]
+            row = vc[j, hq // group]
             for d in range(dv):
-                out[t, hq, d] = acc[d]
+                acc[hq, d] += p * row[d]
+    for hq in range(h0, h1):
+        for d in range(dv):
+            out[t, hq, d] = acc[hq, d]
+
+
+@parallel_when_large(cache=True, fastmath=_REASSOC, error_model="numpy")  # version chosen by task count
+def _step(q, k, v, kc, vc, start, cos, sin, scale, out, row_tasks, head_tasks):
+    """RoPE and the cache write, then every query row t (position start + t) over cache
+    positions 0 .. start + t. Tasks: rows dealt round-robin to ``row_tasks`` (later rows read
+    more positions) times query heads split in ``head_tasks`` ranges (one decode row over a
+    long cache)."""
+    t_len, n_q, hd = q.shape
+    _rope_into(k, cos, sin, kc, start)
+    for t in range(t_len):
+        vc[start + t] = v[t]
+    q64 = np.empty(q.shape, _F64)
+    _rope_into(q, cos, sin, q64, 0)
+    for task in prange(row_tasks * head_tasks):
+        first, part = task // head_tasks, task % head_tasks
+        h0, h1 = part * n_q // head_tasks, (part + 1) * n_q // head_tasks
+        scores = np.empty((n_q, start + t_len), _F64)
+        acc = np.empty((n_q, vc.shape[2]), _F64)
+        for t in range(first, t_len, row_tasks):
+            _attend_row(q64, kc, vc, t, start + t + 1, h0, h1, scale, scores, acc, out)
+
+
+# A call is split over threads from this many multiply-adds (scores and values) on: above
+# a few hundred cached positions at 768 wide once workers spin (inference), far more otherwise.
+ATTEND_PARALLEL_MIN = {True: 1 << 18, False: 1 << 21}
+
+
+def _tasks(t_len, n_q, work):
+    """(row tasks, head tasks) for a call of ``work`` multiply-adds."""
+    if work < ATTEND_PARALLEL_MIN[threads.spinning_workers()]:
+        return 1, 1
+    n = numba.get_num_threads()
+    if t_len >= n:
+        return n, 1
+    return 1, min(n, n_q)
 
 
 def cached_attention(q, k, v, k_cache, v_cache, start, cos, sin):
-    """``reference.nn.cached_attention`` in two kernels (see the module docstring)."""
+    """``reference.nn.cached_attention`` in one kernel (see the module docstring)."""
     q, k, v, cos, sin = (_data(a) for a in (q, k, v, cos, sin))
     start = int(start)
     ref_nn.check_cached_attention_args(q, k, v, k_cache, v_cache, start, cos, sin)
-    if not (q.dtype == k.dtype == v.dtype == cos.dtype == sin.dtype == _F32
-            and k_cache.dtype == v_cache.dtype == _F64 and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous):
+    if not (q.dtype == k.dtype == v.dtype == cos.dtype == sin.dtype == k_cache.dtype == v_cache.dtype == _F32
+            and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous):
         return ref_nn.cached_attention(q, k, v, k_cache, v_cache, start, cos, sin)
-    t_len, hd = q.shape[1], q.shape[3]
-    cos, sin = np.ascontiguousarray(cos), np.ascontiguousarray(sin)
-    _rope_into(np.ascontiguousarray(k[0]), cos, sin, k_cache[0], start)
-    v_cache[0, start:start + t_len] = v[0]
-    q64 = np.empty(q.shape[1:], _F64)
-    _rope_into(np.ascontiguousarray(q[0]), cos, sin, q64, 0)
-    out64 = np.empty((t_len, q.shape[2], v.shape[3]), _F64)
-    _attend(q64, k_cache[0], v_cache[0], start, 1.0 / np.sqrt(np.float64(hd)), out64)
-    return out64.astype(_F32)[None]
+    t_len, n_q, hd = q.shape[1], q.shape[2], q.shape[3]
+    out = np.empty((1, t_len, n_q, v.shape[3]), _F32)
+    rows, heads = _tasks(t_len, n_q, 2 * t_len * n_q * hd * (start + (t_len + 1) // 2))
+    kernel = _step.parallel if rows * heads > 1 else _step.serial
+    kernel(np.ascontiguousarray(q[0]), np.ascontiguousarray(k[0]), np.ascontiguousarray(v[0]), k_cache[0], v_cache[0],
+           start, np.ascontiguousarray(cos), np.ascontiguousarray(sin), 1.0 / math.sqrt(hd), out[0], rows, heads)
+    return out
 
 
 @parallel_when_large(cache=True, fastmath=_REASSOC, error_model="numpy")

@@ -21,6 +21,7 @@ of the means is the reference's own numpy code.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -166,7 +167,7 @@ class TernaryLinear(Function):
             raise ValueError(f"ternary_linear: x has shape {x.shape} but w has shape {w.shape}; the last axis of x must be K = {k}")
         if x.dtype != w.dtype:
             raise ValueError(f"ternary_linear: x is {x.dtype} but w is {w.dtype}; both must have the same dtype")
-        n = int(np.prod(x.shape[:-1], dtype=np.int64))
+        n = math.prod(x.shape[:-1])
         x2 = np.ascontiguousarray(x).reshape(n, k)
         if keep is not None and not isinstance(keep, ref.RowSelection):
             keep = ref.check_keep(data_of(keep), n)

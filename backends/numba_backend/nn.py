@@ -210,7 +210,7 @@ class RMSNorm(Function):
     def forward(ctx, x, w, eps=1e-6):
         ref_nn.check_rmsnorm_args(x, w)
         d = x.shape[-1]
-        x2 = np.ascontiguousarray(x).reshape(int(np.prod(x.shape[:-1], dtype=np.int64)), d)
+        x2 = np.ascontiguousarray(x).reshape(math.prod(x.shape[:-1]), d)
         w = np.ascontiguousarray(w)
         y = np.empty_like(x2)
         rstd = np.empty(x2.shape[0], np.float32)

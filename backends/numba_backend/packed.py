@@ -17,6 +17,7 @@ from numba import njit, prange
 
 from reference import ternary as ref
 
+from .. import threads
 from . import cpu_features, packed_plain, packed_x86
 from .quant import _data, quantize_acts
 
@@ -106,9 +107,16 @@ def prepare_packed(packed, scales, group_size, kernel=None):
     return PackedHandle(layout, scales_t, group_size, (m, k), kernel)
 
 
-# Below this many multiply-adds a product runs in the calling thread: waking the thread pool
-# costs tens of microseconds on a busy machine, more than the product itself.
+# Below this many multiply-adds a product runs in the calling thread: waking sleeping workers
+# costs tens of microseconds, more than the product itself. Workers that spin between regions
+# (inference, ``threads.inference_spin``) start at once: from about 0.5M multiply-adds two
+# threads then win (768 x 768: 16 vs 20 us, 2304 x 768: 29 vs 46 us; 256 x 768 neither).
 PARALLEL_MIN_MACS = 1 << 23
+SPINNING_MIN_MACS = 1 << 19
+
+
+def _min_macs():
+    return SPINNING_MIN_MACS if threads.spinning_workers() else PARALLEL_MIN_MACS
 
 
 def _run(handle, xq2, xs64):
@@ -117,7 +125,7 @@ def _run(handle, xq2, xs64):
     if n == 0 or m == 0:
         return np.zeros((n, m), np.float32)
     args = (handle.layout, handle.scales_t, xq2, xs64, handle.group_size, m)
-    n_threads = numba.get_num_threads() if m * k * n >= PARALLEL_MIN_MACS else 1
+    n_threads = numba.get_num_threads() if m * k * n >= _min_macs() else 1
     if handle.kernel == "plain":
         if n_threads > 1:
             return packed_plain.gemm_parallel(*args, n_threads)

@@ -30,7 +30,7 @@ from typing import Iterator
 
 import numpy as np
 
-from backends.threads import inference_threads
+from backends.threads import inference_spin, inference_threads
 from reference.autograd import no_grad
 from nanochat.infer.sampling import (SamplingParams, apply_repetition_penalty, limit_vocab, next_token_distribution,
                                      sample_next)
@@ -160,6 +160,7 @@ class Engine:
     def __init__(self, loaded, backend="auto", *, dequantized=False, max_len=None, tokenizer=None, head="float32"):
         from backends import get_backend
 
+        inference_spin()  # before numba starts its pool (backends/threads.py)
         cfg = getattr(loaded.config, "model", loaded.config)
         self.mtp_heads = cfg.mtp_n_tokens if has_mtp_heads(loaded, cfg) else 0  # drafters for speculative decoding
         _check_loaded(loaded, cfg, mtp=bool(self.mtp_heads))

@@ -6,7 +6,9 @@ block kind: ``reserve(length)`` before a forward writes positions up to ``length
 ``rewind_to(position)`` to drop what follows ``position``. Capacity grows on demand (doubling),
 so memory follows the tokens in use, not the configured context.
 
-Attention layers keep keys (after RoPE) and values in float64; DeltaNet layers keep their
+Attention layers keep keys (after RoPE) and values in float32 (exactly the values the
+float32 projections and RoPE produce; the attention core reads them into float64); DeltaNet
+layers keep their
 state ``S`` (float64) plus, with ``record``, the per-token recurrence inputs and a snapshot of
 ``S`` every ``SNAPSHOT_EVERY`` positions: rewinding restores the nearest snapshot at or before
 the target and replays the stored inputs with ``gated_delta_step`` (exact: the same step
@@ -32,12 +34,12 @@ def _grown(xp, old, length):
 
 
 class KVCache:
-    """Keys (after RoPE) and values of one attention layer: float64 ``[1, capacity, Hkv, hd]``,
+    """Keys (after RoPE) and values of one attention layer: float32 ``[1, capacity, Hkv, hd]``,
     written by the ``cached_attention`` op."""
 
     def __init__(self, xp, capacity, n_kv, head_dim):
         self.xp = xp
-        self.k = xp.zeros((1, max(int(capacity), 1), n_kv, head_dim), F64)
+        self.k = xp.zeros((1, max(int(capacity), 1), n_kv, head_dim), np.float32)
         self.v = xp.zeros_like(self.k)
 
     def reserve(self, length):
