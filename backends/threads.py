@@ -7,8 +7,13 @@ On an idle machine that is harmless; with one other CPU-bound process on a 2-cor
 parallel region waits for a worker that the scheduler has parked behind the other process, and
 the step slowed 25x (issue 17). The policy here:
 
-- both pools get the same count ``n`` (``numba.set_num_threads`` and ``threadpoolctl`` limits
-  for BLAS and OpenMP), never more than the cores this process may run on;
+- numba's pool gets ``n`` threads (never more than the cores this process may run on) and
+  BLAS one: the numba backend splits its large float products over numba's ``n`` threads
+  itself (``backends/numba_backend/gemm.py``: one single-thread BLAS call per block from a
+  ``prange`` loop), so no second pool of spinning workers exists. Measured 2026-12-08 on the
+  2-core machine, ``tiny`` peer shape: numba 2 + BLAS 2 threads 1,620-1,680 tokens/s, numba 1
+  + BLAS 1 2,160-2,210, numba 2 + BLAS 1 2,400-2,420 (before the products were split). Where
+  that split is not available (numpy on a BLAS other than OpenBLAS) BLAS gets ``n`` threads;
 - ``n`` comes from ``NANOCHAT_THREADS`` when set (a number; ``auto`` or unset means adapt);
 - adaptively, ``ThreadPolicy.adapt()`` (called once per training step, in the training thread)
   measures how many cores other processes kept busy since the last call (system CPU time minus
@@ -139,6 +144,16 @@ class _CpuMeter:
         return max(0.0, ((busy1 - busy0) - (own1 - own0)) / (t1 - t0))
 
 
+def blas_threads(n):
+    """BLAS's thread count under a policy of ``n``: one where the numba backend splits float
+    products over its own threads, else ``n``."""
+    try:
+        from backends.numba_backend import gemm
+    except Exception:  # numba missing or broken: BLAS does the threading
+        return n
+    return 1 if gemm.AVAILABLE else n
+
+
 class ThreadPolicy:
     """Sizes numba's and the BLAS/OpenMP pools together; see the module docstring.
 
@@ -165,8 +180,8 @@ class ThreadPolicy:
                 self.adaptive = False
 
     def apply(self, threads=None):
-        """Set numba's pool (this thread) and the BLAS/OpenMP pools to ``threads`` (default
-        the current choice)."""
+        """Set numba's pool (this thread) and other OpenMP pools to ``threads`` (default the
+        current choice), BLAS to ``blas_threads(threads)``."""
         n = int(threads or self.threads)
         self.threads = n
         try:
@@ -180,11 +195,11 @@ class ThreadPolicy:
 
             # The limiter object keeps the originals; limits apply to every loaded BLAS/OpenMP
             # library (numpy's and scipy's OpenBLAS, libgomp).
-            self._limiter = threadpool_limits(limits=n)
+            self._limiter = threadpool_limits(limits={"blas": blas_threads(n), "openmp": n})
         except Exception:
             self._limiter = None
-        global _BLAS_MODE
-        _BLAS_MODE = "training"
+        global _BLAS_ONE
+        _BLAS_ONE = self._limiter is not None and blas_threads(n) == 1
         return n
 
     def choose(self, others):
@@ -250,7 +265,7 @@ def start_training(backend, write=print):
     return described
 
 
-_BLAS_MODE = None  # "training" (the policy's count) or "inference" (one thread), whichever was set last
+_BLAS_ONE = False  # BLAS held at one thread (by the training policy or inference_threads)
 _INFERENCE_LIMITER = None
 
 
@@ -300,17 +315,17 @@ def inference_spin():
 
 
 def inference_threads():
-    """Hold the BLAS/OpenMP pools at one thread for inference; cheap to call before every forward
-    (it acts only when training set another count since).
+    """Hold the BLAS pool at one thread for inference; cheap to call before every forward (it
+    acts once per process; the training policy holds BLAS at one thread too).
 
     The engine's BLAS calls are small (the LM head's one-row product, float64 attention over one
     query): a second BLAS thread gains nothing there and its spinning competes with numba's pool
     for the cores. Measured on the 2-core machine, 2026-12-03: the tiny decode step took 8-12 ms
     with OpenBLAS's default two threads and 2.2-3.0 ms with one, old and new engine alike; setting
     and restoring the count around every forward cost about 0.5 ms of that again, so the count is
-    set once and left. ``ThreadPolicy.apply`` (training) sets its own count back."""
-    global _BLAS_MODE, _INFERENCE_LIMITER
-    if _BLAS_MODE == "inference":
+    set once and left."""
+    global _BLAS_ONE, _INFERENCE_LIMITER
+    if _BLAS_ONE:
         return
     try:
         from threadpoolctl import ThreadpoolController
@@ -318,4 +333,4 @@ def inference_threads():
         _INFERENCE_LIMITER = ThreadpoolController().limit(limits=1, user_api="blas")
     except Exception:  # threadpoolctl missing or no BLAS found: nothing to limit
         _INFERENCE_LIMITER = None
-    _BLAS_MODE = "inference"
+    _BLAS_ONE = True

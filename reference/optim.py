@@ -231,7 +231,7 @@ def newton_schulz(u, steps=5, coefficients=None):
     return xp.ascontiguousarray(x.T if transposed else x)
 
 
-def newton_schulz_buffered(u, steps, coefficients, scale_add):
+def newton_schulz_buffered(u, steps, coefficients, scale_add, matmul=None):
     """``newton_schulz`` for a float32 matrix as the numba and cupy backends run it: the
     products go into buffers allocated once (``xp.matmul(..., out=)``) and each step's two
     combinations into ``scale_add(a, b, alpha, beta)``, which sets ``b = alpha a + beta b`` in
@@ -241,9 +241,12 @@ def newton_schulz_buffered(u, steps, coefficients, scale_add):
     ones use ``A = X^T X`` and ``X <- a X + X B``, the same iteration on ``X^T`` without
     transposing. ``a X`` is added after the product, not folded into ``B`` as ``a I``: folding
     costs float32 accuracy on matrices with decaying spectra (measured: twice the reference's
-    error). ``A A^T`` rather than ``A A`` (A is symmetric) lets BLAS use syrk.
+    error). ``A A^T`` rather than ``A A`` (A is symmetric) lets BLAS use syrk. ``matmul(a, b,
+    out=)`` runs the general product ``B X`` (default ``xp.matmul``; the numba backend passes
+    its threaded one); the two Gram products stay ``xp.matmul`` so BLAS sees ``X X^T``.
     """
     xp = array_module(u)
+    matmul = xp.matmul if matmul is None else matmul
     x = xp.empty(u.shape, dtype=np.float32)
     xp.divide(u, xp.linalg.norm(u) + np.float32(NS_EPS), out=x)  # the norm stays on the device
     wide = x.shape[0] <= x.shape[1]
@@ -260,9 +263,9 @@ def newton_schulz_buffered(u, steps, coefficients, scale_add):
         xp.matmul(gram, gram.T, out=mix)
         scale_add(gram, mix, b, c)  # B = b A + c A A
         if wide:
-            xp.matmul(mix, x, out=y)
+            matmul(mix, x, out=y)
         else:
-            xp.matmul(x, mix, out=y)
+            matmul(x, mix, out=y)
         scale_add(x, y, a, 1.0)  # X' = a X + B X
         x, y = y, x
     return x

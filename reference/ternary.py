@@ -23,6 +23,8 @@ Decisions the SPEC leaves open, fixed here for every backend:
 """
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 
 from .autograd import Function, array_module, data_of as _data
@@ -292,28 +294,33 @@ class DenseLinear(Function):
     The model's LM head uses it under Collider: the loss weights of the filtered tokens are
     zero, so their rows of the upstream gradient are exactly zero and skipping them changes no
     gradient, while both backward products shrink to the kept rows.
+
+    ``product(a, b)`` is ``a @ b``; a backend subclass may swap in its own (the numba backend's
+    threaded ``gemm.matmul``) and keeps everything else.
     """
 
-    @staticmethod
-    def forward(ctx, x, w, keep=None):
+    product = staticmethod(operator.matmul)
+
+    @classmethod
+    def forward(cls, ctx, x, w, keep=None):
         if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
             raise ValueError(f"dense_linear: expected x [N, K] and w [M, K], got shapes {x.shape} and {w.shape}")
         _check_same_dtype("dense_linear", x, w)
         if keep is not None and not isinstance(keep, RowSelection):
             keep = check_keep(_data(keep), x.shape[0])
         ctx.save(x, w, keep)
-        return x @ w.T
+        return cls.product(x, w.T)
 
-    @staticmethod
-    def backward(ctx, g):
+    @classmethod
+    def backward(cls, ctx, g):
         x, w, keep = ctx.saved
         rows = resolve_keep(keep, x.shape[0])
         g_kept, x_kept = (g, x) if rows is None else (g[rows], x[rows])
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            gx = rows_to_full(g_kept @ w, rows, x.shape[0])
+            gx = rows_to_full(cls.product(g_kept, w), rows, x.shape[0])
         if ctx.needs_input_grad[1]:
-            gw = g_kept.T @ x_kept
+            gw = cls.product(g_kept.T, x_kept)
         return gx, gw
 
 

@@ -342,6 +342,21 @@ def _check_int8_linear(be, rng):
         assert_exact(got, reference.OPS["int8_linear"](xq, xs, wq, ws), f"{be.name}.int8_linear {(n, m, k)}")
 
 
+@check("dense_linear")
+def _check_dense_linear(be, rng):
+    # Small, odd, empty, and large enough that the numba backend splits each product over its
+    # threads (gemm.PARALLEL_MIN_MACS: 8M multiply-adds) with ragged blocks; keep and dW only.
+    cases = [((5, 7), 3, None), ((0, 4), 3, None), ((300, 129), 301, None), ((257, 160), 515, None),
+             ((300, 129), 301, np.array([0, 5, 17, 299])), ((9, 8), 4, np.array([], dtype=np.int64))]
+    for (n, k), m, keep in cases:
+        x = rng.standard_normal((n, k)).astype(np.float32)
+        w = (rng.standard_normal((m, k)) * 0.1).astype(np.float32)
+        options = {} if keep is None else {"keep": keep}
+        compare(be, "dense_linear", [x, w], options=options, label=f" {(n, k)}x{m} keep={keep is not None}")
+    x, w = rng.standard_normal((6, 16)).astype(np.float32), rng.standard_normal((5, 16)).astype(np.float32)
+    compare(be, "dense_linear", [x, w], wrt=[1], label=" dW only")
+
+
 @check("linear_rows")
 def _check_linear_rows(be, rng):
     # One row (decode), a K that is no multiple of 8, empty N and K, more rows than the row

@@ -30,6 +30,7 @@ from numba import njit, prange
 from reference import ternary as ref
 from reference.autograd import Function, data_of
 
+from . import gemm
 from . import packed as _packed
 from . import quant as _quant
 from .nn import _is_f32
@@ -189,14 +190,14 @@ class TernaryLinear(Function):
         rows = ref.resolve_keep(keep, n)
         gx = gw = None
         if ctx.needs_input_grad[0]:
-            gx = ref.rows_to_full((gy2 if rows is None else gy2[rows]) @ wd, rows, n).reshape(x_shape)
+            gx = ref.rows_to_full(gemm.matmul(gy2 if rows is None else gy2[rows], wd), rows, n).reshape(x_shape)
         if ctx.needs_input_grad[1]:
             index = np.arange(n) if rows is None else np.asarray(rows, dtype=np.int64)
             scaled = np.empty((index.size, m), np.float32)
             if scaled.size:
                 _scaled_rows(gy2, sx, index, scaled)
             x_rows = xq if rows is None else xq[index]
-            gw = scaled.T @ x_rows
+            gw = gemm.matmul(scaled.T, x_rows)
         return gx, gw
 
 
@@ -213,4 +214,18 @@ def ternary_linear(x, w, group_size, keep=None):
     return TernaryLinear.apply(x, w, group_size=group_size, keep=keep)
 
 
-OPS = {"ternary_linear": ternary_linear}
+class DenseLinear(ref.DenseLinear):
+    """``reference.ternary.DenseLinear`` (the LM head) with its three products on the threaded
+    ``gemm.matmul`` (BLAS itself runs one thread)."""
+
+    product = staticmethod(gemm.matmul)
+
+
+def dense_linear(x, w, keep=None):
+    """``reference.ternary.dense_linear``; float32 runs the threaded products."""
+    if not _is_f32(x, w):
+        return ref.dense_linear(x, w, keep=keep)
+    return DenseLinear.apply(x, w, keep=keep)
+
+
+OPS = {"ternary_linear": ternary_linear, "dense_linear": dense_linear}

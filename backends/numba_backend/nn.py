@@ -30,6 +30,7 @@ from reference import nn as ref_nn
 from reference.autograd import Function, Tensor, data_of as _arr
 from reference.ops import _check_same_dtype
 
+from . import gemm
 from .dispatch import parallel_when_large
 
 _F32 = np.dtype(np.float32)
@@ -540,10 +541,10 @@ class Attention(Function):
         qs = np.ascontiguousarray(q.reshape(b, t, n_kv, group, hd).transpose(0, 2, 3, 1, 4)).reshape(b * n_kv, group * t, hd)
         ks = np.ascontiguousarray(k.transpose(0, 2, 1, 3)).reshape(b * n_kv, s_len, hd)
         vs = np.ascontiguousarray(v.transpose(0, 2, 1, 3)).reshape(b * n_kv, s_len, dv)
-        probs = np.matmul(qs, ks.transpose(0, 2, 1))  # [B*Hkv, G*T, S]
+        probs = gemm.matmul(qs, ks.transpose(0, 2, 1))  # [B*Hkv, G*T, S]
         if probs.size:
             _attention_probs(probs, t, s_len, np.float32(scale), bool(causal))
-        out = np.matmul(probs, vs)  # [B*Hkv, G*T, dv]
+        out = gemm.matmul(probs, vs)  # [B*Hkv, G*T, dv]
         ctx.save(qs, ks, vs, probs, scale, q.shape, v.shape)
         return np.ascontiguousarray(out.reshape(b, n_kv, group, t, dv).transpose(0, 3, 1, 2, 4)).reshape(b, t, n_q, dv)
 
@@ -558,17 +559,17 @@ class Attention(Function):
         ).reshape(b * n_kv, group * t, dv)
         gq = gk = gv = None
         if ctx.needs_input_grad[2]:
-            gv = np.matmul(probs.transpose(0, 2, 1), gys)  # [B*Hkv, S, dv], summed over the group
+            gv = gemm.matmul(probs.transpose(0, 2, 1), gys)  # [B*Hkv, S, dv], summed over the group
             gv = np.ascontiguousarray(gv.reshape(b, n_kv, s_len, dv).transpose(0, 2, 1, 3))
         if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            gs = np.matmul(gys, vs.transpose(0, 2, 1))  # [B*Hkv, G*T, S]
+            gs = gemm.matmul(gys, vs.transpose(0, 2, 1))  # [B*Hkv, G*T, S]
             if gs.size:
                 _attention_score_grad(probs, gs, np.float32(scale))
             if ctx.needs_input_grad[0]:
-                gq = np.matmul(gs, ks).reshape(b, n_kv, group, t, hd)
+                gq = gemm.matmul(gs, ks).reshape(b, n_kv, group, t, hd)
                 gq = np.ascontiguousarray(gq.transpose(0, 3, 1, 2, 4)).reshape(b, t, n_q, hd)
             if ctx.needs_input_grad[1]:
-                gk = np.matmul(gs.transpose(0, 2, 1), qs).reshape(b, n_kv, s_len, hd)
+                gk = gemm.matmul(gs.transpose(0, 2, 1), qs).reshape(b, n_kv, s_len, hd)
                 gk = np.ascontiguousarray(gk.transpose(0, 2, 1, 3))
         return gq, gk, gv
 

@@ -10,7 +10,8 @@
   ``A = X X^T`` and ``A A = A A^T`` are products of a matrix with its own transpose, which numpy
   hands to ``ssyrk`` (half the flops of a general product); tall matrices use ``X^T X`` and
   ``X B`` instead of being transposed and copied; every product writes into a preallocated
-  buffer and ``a X`` is added in place.
+  buffer and ``a X`` is added in place. The general product ``B X`` is split over the threads
+  (``gemm.matmul``); the two syrk products run on one (split, they would do twice the flops).
 
 Other dtypes, non-contiguous state and invalid arguments go to the reference unchanged (the
 reference raises the errors, so they read the same on every backend). ``galore_project`` and
@@ -25,6 +26,7 @@ from numba import njit, prange
 
 from reference import optim as ref
 
+from . import gemm
 from .dispatch import n_tasks
 from .nn import _f32_from_bits
 
@@ -283,7 +285,7 @@ def newton_schulz(u, steps=5, coefficients=None):
     if not isinstance(u, np.ndarray) or u.dtype != _F32 or u.ndim != 2 or (
             coefficients is not None and len(coefficients) == 0) or u.size == 0:
         return ref.newton_schulz(u, steps=steps, coefficients=coefficients)
-    return ref.newton_schulz_buffered(u, steps, coefficients, _scale_add)
+    return ref.newton_schulz_buffered(u, steps, coefficients, _scale_add, gemm.matmul)
 
 
 OPS = {

@@ -1,0 +1,176 @@
+"""Float matrix products on numba's threads, with BLAS itself on one thread.
+
+Training alternates numba kernels (numba's OpenMP pool) with float BLAS products (the LM head,
+the STE backward, attention, Newton-Schulz). With both pools at two threads on the 2-core
+machine, OpenBLAS's idle workers spin after each product while numba's workers want the same
+cores, and the reverse: measured 2026-12-08 on the 2-core AMD EPYC (``tiny`` peer shape,
+``benchmarks/peer/project_step.py``), numba 2 + BLAS 2 threads ran 1,620-1,680 tokens/s, numba
+1 + BLAS 1 2,160-2,210 and numba 2 + BLAS 1 2,400-2,420.
+
+So BLAS runs one thread (``backends.threads``) and ``matmul`` splits a large product into row
+(or column, or batch) blocks, one per numba thread, each a single-thread call of numpy's own
+``cblas_?gemm`` made from a numba ``prange`` loop: the same worker threads that run the numba
+kernels run the blocks, and nothing else is left spinning. (A pool of Python threads for the
+blocks measured worse: a product right after a numba kernel took 12 ms instead of 8.5, the
+helper thread landing on the busy core.) Each block is the whole product's BLAS kernel over
+the same K order, so the result is bit-identical to one ``np.matmul`` on the same library
+(tested at the training shapes).
+
+Where numpy's BLAS is not an OpenBLAS with the ``cblas_?gemm64_`` symbols (another BLAS, an
+unusual build), ``AVAILABLE`` is False, every product is ``np.matmul`` and the thread policy
+gives BLAS its own threads back.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+# Below this many multiply-adds a product runs whole in the calling thread (one parallel
+# region costs a few microseconds to start; 64 x 256 x 256 takes about 0.09 ms on one core).
+PARALLEL_MIN_MACS = 1 << 22
+# Row/column blocks start at multiples of this (the sgemm kernels' register tiles).
+ALIGN = 32
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+_LP = ctypes.c_int64  # blasint of the 64_ symbols
+_ADDR = ctypes.c_uint64  # pointers travel as 64-bit integers (LP64 ABI: same registers)
+
+
+def _find_cblas():
+    """numpy's OpenBLAS ``cblas_sgemm``/``cblas_dgemm`` (64-bit-int interface) as ctypes
+    functions, or None."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        numpy_dir = os.path.dirname(os.path.dirname(np.__file__))
+        paths = [i["filepath"] for i in threadpool_info()
+                 if i.get("internal_api") == "openblas" and os.path.basename(os.path.dirname(i["filepath"])).startswith("numpy")
+                 and i["filepath"].startswith(numpy_dir)]
+        if not paths:
+            return None
+        lib = ctypes.CDLL(paths[0])
+        found = {}
+        for kind in ("s", "d"):
+            real = ctypes.c_float if kind == "s" else ctypes.c_double
+            for name in (f"scipy_cblas_{kind}gemm64_", f"cblas_{kind}gemm64_"):
+                if hasattr(lib, name):
+                    proto = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int, ctypes.c_int, _LP, _LP, _LP, real,
+                                             _ADDR, _LP, _ADDR, _LP, real, _ADDR, _LP)
+                    found[kind] = proto(ctypes.cast(getattr(lib, name), ctypes.c_void_p).value)
+                    break
+        return found if len(found) == 2 else None
+    except Exception:  # no threadpoolctl, no OpenBLAS, an unloadable library: np.matmul only
+        return None
+
+
+_CBLAS = _find_cblas()
+AVAILABLE = _CBLAS is not None
+
+if AVAILABLE:
+    _sgemm, _dgemm = _CBLAS["s"], _CBLAS["d"]
+
+    # ``ints[i]`` = (transA, transB, M, N, K, lda, ldb, ldc), ``ptrs[i]`` = (A, B, C) byte
+    # addresses of block i. Not cached on disk: the function addresses are this process's.
+    @njit(parallel=True, nogil=True)
+    def _sgemm_blocks(ints, ptrs):
+        for i in prange(ints.shape[0]):
+            _sgemm(_ROW_MAJOR, ints[i, 0], ints[i, 1], ints[i, 2], ints[i, 3], ints[i, 4], np.float32(1.0),
+                   ptrs[i, 0], ints[i, 5], ptrs[i, 1], ints[i, 6], np.float32(0.0), ptrs[i, 2], ints[i, 7])
+
+    @njit(parallel=True, nogil=True)
+    def _dgemm_blocks(ints, ptrs):
+        for i in prange(ints.shape[0]):
+            _dgemm(_ROW_MAJOR, ints[i, 0], ints[i, 1], ints[i, 2], ints[i, 3], ints[i, 4], 1.0,
+                   ptrs[i, 0], ints[i, 5], ptrs[i, 1], ints[i, 6], 0.0, ptrs[i, 2], ints[i, 7])
+
+
+def _operand(x):
+    """(trans, ld) describing a 2-D view for row-major cblas, or None when BLAS cannot read it
+    in place (no unit stride)."""
+    rows, cols = x.shape
+    item = x.itemsize
+    s0, s1 = x.strides
+    if (s1 == item or cols == 1) and s0 % item == 0 and s0 // item >= max(1, cols):
+        return _NO_TRANS, s0 // item
+    if (s0 == item or rows == 1) and s1 % item == 0 and s1 // item >= max(1, rows):
+        return _TRANS, s1 // item
+    return None
+
+
+def _cuts(n, parts):
+    """``parts + 1`` nondecreasing cut points over ``range(n)``, inner ones on multiples of
+    ALIGN when the blocks are long enough."""
+    cuts = [0]
+    for i in range(1, parts):
+        c = (n * i) // parts
+        if n >= parts * ALIGN:
+            c = (c // ALIGN) * ALIGN
+        cuts.append(max(cuts[-1], c))
+    cuts.append(n)
+    return cuts
+
+
+def _plan(a, b, out, threads):
+    """Block table (ints, ptrs) for ``out = a @ b``, or None when some operand is not one BLAS
+    can read in place."""
+    mats = [(a, b, out)] if a.ndim == 2 else [(a[i], b[i], out[i]) for i in range(a.shape[0])]
+    m, k, n = out.shape[-2], a.shape[-1], out.shape[-1]
+    blocks = []
+    for x, y, o in mats:
+        fa, fb = _operand(x), _operand(y)
+        if fa is None or fb is None or not (o.strides[1] == o.itemsize or n == 1):
+            return None
+        ldc = o.strides[0] // o.itemsize
+        if len(mats) >= threads:  # batched: whole matrices per block
+            blocks.append((fa, fb, m, n, x.ctypes.data, y.ctypes.data, o.ctypes.data, ldc))
+        elif m >= n:  # rows: A's rows and C's rows move
+            step_a = x.strides[0]
+            c = _cuts(m, threads)
+            for r0, r1 in zip(c, c[1:]):
+                if r1 > r0:
+                    blocks.append((fa, fb, r1 - r0, n, x.ctypes.data + r0 * step_a, y.ctypes.data,
+                                   o.ctypes.data + r0 * o.strides[0], ldc))
+        else:  # columns: B's columns and C's columns move
+            step_b = y.strides[1]
+            c = _cuts(n, threads)
+            for c0, c1 in zip(c, c[1:]):
+                if c1 > c0:
+                    blocks.append((fa, fb, m, c1 - c0, x.ctypes.data, y.ctypes.data + c0 * step_b,
+                                   o.ctypes.data + c0 * o.itemsize, ldc))
+    ints = np.empty((len(blocks), 8), np.int64)
+    ptrs = np.empty((len(blocks), 3), np.uint64)
+    for i, ((ta, lda), (tb, ldb), bm, bn, pa, pb, pc, ldc) in enumerate(blocks):
+        ints[i] = (ta, tb, bm, bn, k, lda, ldb, ldc)
+        ptrs[i] = (pa, pb, pc)
+    return ints, ptrs
+
+
+def matmul(a, b, out=None):
+    """``np.matmul(a, b, out=out)``; 2-D and same-batch 3-D float32/float64 products of at
+    least ``PARALLEL_MIN_MACS`` run as blocks on numba's threads, everything else (and any
+    error) is numpy's own."""
+    threads = numba.get_num_threads()
+    if (not AVAILABLE or threads < 2 or a.ndim not in (2, 3) or b.ndim != a.ndim or a.dtype != b.dtype
+            or a.dtype not in (np.float32, np.float64) or not a.dtype.isnative
+            or a.shape[-1] != b.shape[-2] or (a.ndim == 3 and a.shape[0] != b.shape[0])):
+        return np.matmul(a, b, out=out)
+    m, k, n = a.shape[-2], a.shape[-1], b.shape[-1]
+    batch = a.shape[0] if a.ndim == 3 else 1
+    if batch * m * k * n < PARALLEL_MIN_MACS or m == 0 or n == 0 or k == 0:
+        return np.matmul(a, b, out=out)
+    shape = a.shape[:-1] + (n,)
+    if out is not None and (out.shape != shape or out.dtype != a.dtype or not out.flags.aligned
+                            or not out.flags.writeable or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
+        return np.matmul(a, b, out=out)
+    if not (a.flags.aligned and b.flags.aligned):
+        return np.matmul(a, b, out=out)
+    target = np.empty(shape, a.dtype) if out is None else out
+    plan = _plan(a, b, target, threads)
+    if plan is None:
+        return np.matmul(a, b, out=out)
+    (_sgemm_blocks if a.dtype == np.float32 else _dgemm_blocks)(*plan)
+    return target
