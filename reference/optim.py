@@ -242,8 +242,8 @@ def newton_schulz_buffered(u, steps, coefficients, scale_add, matmul=None):
     transposing. ``a X`` is added after the product, not folded into ``B`` as ``a I``: folding
     costs float32 accuracy on matrices with decaying spectra (measured: twice the reference's
     error). ``A A^T`` rather than ``A A`` (A is symmetric) lets BLAS use syrk. ``matmul(a, b,
-    out=)`` runs the general product ``B X`` (default ``xp.matmul``; the numba backend passes
-    its threaded one); the two Gram products stay ``xp.matmul`` so BLAS sees ``X X^T``.
+    out=)`` runs the products (default ``xp.matmul``; the numba backend passes its threaded
+    one, which keeps numpy's syrk for a product of a matrix with its own transpose).
     """
     xp = array_module(u)
     matmul = xp.matmul if matmul is None else matmul
@@ -257,10 +257,10 @@ def newton_schulz_buffered(u, steps, coefficients, scale_add, matmul=None):
     for i in range(steps):
         a, b, c = NS_COEFFICIENTS if coefficients is None else coefficients[min(i, len(coefficients) - 1)]
         if wide:
-            xp.matmul(x, x.T, out=gram)
+            matmul(x, x.T, out=gram)
         else:
-            xp.matmul(x.T, x, out=gram)
-        xp.matmul(gram, gram.T, out=mix)
+            matmul(x.T, x, out=gram)
+        matmul(gram, gram.T, out=mix)
         scale_add(gram, mix, b, c)  # B = b A + c A A
         if wide:
             matmul(mix, x, out=y)

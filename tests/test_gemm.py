@@ -89,6 +89,9 @@ def test_training_shapes_are_bit_identical_to_one_product(monkeypatch):
                 a = rng.standard_normal(sa).astype(np.float32)
                 b = rng.standard_normal(sb).astype(np.float32)
                 assert np.array_equal(gemm.matmul(a, b), np.matmul(a, b))
+            for x in (rng.standard_normal((256, 768)).astype(np.float32), rng.standard_normal((768, 256)).astype(np.float32)):
+                assert np.array_equal(gemm.matmul(x, x.T), np.matmul(x, x.T))  # numpy's syrk
+                assert np.array_equal(gemm.matmul(x.T, x), np.matmul(x.T, x))
     finally:
         numba.set_num_threads(before)
 
@@ -102,3 +105,20 @@ def test_mismatched_operands_get_numpys_error(split_everything):
     got = gemm.matmul(np.ones((3, 4), np.float32), np.ones((4, 2), np.float64))
     assert got.dtype == np.float64 and np.all(got == 4)
     assert np.array_equal(gemm.matmul(np.ones((3, 4), np.int64), np.ones((4, 2), np.int64)), np.full((3, 2), 4))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_matrix_times_its_transpose_is_numpys_syrk_exactly(split_everything, dtype, monkeypatch):
+    """numpy runs ``x @ x.T`` as syrk plus a mirrored triangle; the split (two diagonal
+    syrks, one off-diagonal gemm) gives a symmetric result equal to numpy's."""
+    grams = []
+    real = gemm._gram
+    monkeypatch.setattr(gemm, "_gram", lambda *args: grams.append(real(*args)) or grams[-1])
+    rng = np.random.default_rng(2)
+    for shape in [(256, 768), (768, 256), (200, 300), (7, 5), (1, 9), (65, 64)]:
+        x = (rng.standard_normal(shape) / 30).astype(dtype)
+        for a, b in ((x, x.T), (x.T, x)):
+            got = gemm.matmul(a, b, out=np.empty((a.shape[0], a.shape[0]), dtype))
+            assert np.array_equal(got, got.T)
+            np.testing.assert_allclose(got, np.matmul(a, b), rtol=1e-6 if dtype == np.float32 else 1e-13, atol=1e-7)
+    assert len(grams) == 12 and all(g is not None for g in grams)

@@ -35,7 +35,7 @@ PARALLEL_MIN_MACS = 1 << 22
 # Row/column blocks start at multiples of this (the sgemm kernels' register tiles).
 ALIGN = 32
 
-_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+_ROW_MAJOR, _NO_TRANS, _TRANS, _UPPER = 101, 111, 112, 121
 _LP = ctypes.c_int64  # blasint of the 64_ symbols
 _ADDR = ctypes.c_uint64  # pointers travel as 64-bit integers (LP64 ABI: same registers)
 
@@ -56,11 +56,15 @@ def _find_cblas():
         found = {}
         for kind in ("s", "d"):
             real = ctypes.c_float if kind == "s" else ctypes.c_double
-            for name in (f"scipy_cblas_{kind}gemm64_", f"cblas_{kind}gemm64_"):
-                if hasattr(lib, name):
-                    proto = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int, ctypes.c_int, _LP, _LP, _LP, real,
-                                             _ADDR, _LP, _ADDR, _LP, real, _ADDR, _LP)
-                    found[kind] = proto(ctypes.cast(getattr(lib, name), ctypes.c_void_p).value)
+            for prefix in ("scipy_cblas_", "cblas_"):
+                gemm_name, syrk_name = f"{prefix}{kind}gemm64_", f"{prefix}{kind}syrk64_"
+                if hasattr(lib, gemm_name) and hasattr(lib, syrk_name):
+                    gemm = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int, ctypes.c_int, _LP, _LP, _LP, real,
+                                            _ADDR, _LP, _ADDR, _LP, real, _ADDR, _LP)
+                    syrk = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_int, ctypes.c_int, _LP, _LP, real,
+                                            _ADDR, _LP, real, _ADDR, _LP)
+                    found[kind] = (gemm(ctypes.cast(getattr(lib, gemm_name), ctypes.c_void_p).value),
+                                   syrk(ctypes.cast(getattr(lib, syrk_name), ctypes.c_void_p).value))
                     break
         return found if len(found) == 2 else None
     except Exception:  # no threadpoolctl, no OpenBLAS, an unloadable library: np.matmul only
@@ -70,22 +74,64 @@ def _find_cblas():
 _CBLAS = _find_cblas()
 AVAILABLE = _CBLAS is not None
 
+def _kernels(real, gemm, syrk):
+    """The two block kernels for one float type (``real``) over its cblas ``gemm``/``syrk``.
+    Not cached on disk: the function addresses are this process's.
+
+    ``blocks(ints, ptrs)``: block i is ``ints[i]`` = (transA, transB, M, N, K, lda, ldb, ldc),
+    ``ptrs[i]`` = byte addresses of (A, B, C).
+
+    ``gram(ints, ptrs, c)``: ``x x^T`` (or ``x^T x``) as numpy computes it (syrk into the upper
+    triangle, then the lower one copied from it), in two halves: one thread runs the syrk of
+    both diagonal blocks, the other the gemm of the off-diagonal block (the same flops each),
+    then the mirror. ``ints`` = (trans, h, n, k, lda, ldc, gemm transA, gemm transB),
+    ``ptrs`` = (rows 0.. of op(x), rows h.. of op(x), C)."""
+    one, zero, item = real(1.0), real(0.0), np.dtype(real).itemsize
+
+    @njit(parallel=True, nogil=True)
+    def blocks(ints, ptrs):
+        for i in prange(ints.shape[0]):
+            gemm(_ROW_MAJOR, ints[i, 0], ints[i, 1], ints[i, 2], ints[i, 3], ints[i, 4], one,
+                 ptrs[i, 0], ints[i, 5], ptrs[i, 1], ints[i, 6], zero, ptrs[i, 2], ints[i, 7])
+
+    @njit(parallel=True, nogil=True)
+    def gram(ints, ptrs, c):
+        tr, h, n, k, lda, ldc, ta, tb = ints[0], ints[1], ints[2], ints[3], ints[4], ints[5], ints[6], ints[7]
+        x0, x1, c0 = ptrs[0], ptrs[1], ptrs[2]
+        for task in prange(2):
+            if task == 0:
+                syrk(_ROW_MAJOR, _UPPER, tr, h, k, one, x0, lda, zero, c0, ldc)
+                syrk(_ROW_MAJOR, _UPPER, tr, n - h, k, one, x1, lda, zero, c0 + np.uint64(item * (h * ldc + h)), ldc)
+            else:
+                gemm(_ROW_MAJOR, ta, tb, h, n - h, k, one, x0, lda, x1, lda, zero, c0 + np.uint64(item * h), ldc)
+        for i in prange(n):
+            for j in range(i + 1, n):
+                c[j, i] = c[i, j]
+
+    return blocks, gram
+
+
 if AVAILABLE:
-    _sgemm, _dgemm = _CBLAS["s"], _CBLAS["d"]
+    _KERNELS = {np.dtype(np.float32): _kernels(np.float32, *_CBLAS["s"]),
+                np.dtype(np.float64): _kernels(np.float64, *_CBLAS["d"])}
 
-    # ``ints[i]`` = (transA, transB, M, N, K, lda, ldb, ldc), ``ptrs[i]`` = (A, B, C) byte
-    # addresses of block i. Not cached on disk: the function addresses are this process's.
-    @njit(parallel=True, nogil=True)
-    def _sgemm_blocks(ints, ptrs):
-        for i in prange(ints.shape[0]):
-            _sgemm(_ROW_MAJOR, ints[i, 0], ints[i, 1], ints[i, 2], ints[i, 3], ints[i, 4], np.float32(1.0),
-                   ptrs[i, 0], ints[i, 5], ptrs[i, 1], ints[i, 6], np.float32(0.0), ptrs[i, 2], ints[i, 7])
 
-    @njit(parallel=True, nogil=True)
-    def _dgemm_blocks(ints, ptrs):
-        for i in prange(ints.shape[0]):
-            _dgemm(_ROW_MAJOR, ints[i, 0], ints[i, 1], ints[i, 2], ints[i, 3], ints[i, 4], 1.0,
-                   ptrs[i, 0], ints[i, 5], ptrs[i, 1], ints[i, 6], 0.0, ptrs[i, 2], ints[i, 7])
+def _gram(a, b, out):
+    """``a @ b`` where ``b`` is ``a``'s transpose (same memory): the split syrk, or None
+    when the layout is not one for it (numpy then does its own syrk)."""
+    fa = _operand(a)
+    if fa is None or not out.flags.c_contiguous:
+        return None
+    n, k = a.shape
+    trans, lda = fa
+    h = (n // 2 // ALIGN) * ALIGN or n // 2
+    item = a.itemsize
+    # op(x) rows: a's rows when a is row-major (syrk NoTrans), else a's columns of x = a^T
+    step = lda * item if trans == _NO_TRANS else item
+    ints = np.array([trans, h, n, k, lda, n, trans, _TRANS if trans == _NO_TRANS else _NO_TRANS], np.int64)
+    ptrs = np.array([a.ctypes.data, a.ctypes.data + h * step, out.ctypes.data], np.uint64)
+    _KERNELS[a.dtype][1](ints, ptrs, out)
+    return out
 
 
 def _operand(x):
@@ -169,8 +215,12 @@ def matmul(a, b, out=None):
     if not (a.flags.aligned and b.flags.aligned):
         return np.matmul(a, b, out=out)
     target = np.empty(shape, a.dtype) if out is None else out
+    if a.ndim == 2 and a.ctypes.data == b.ctypes.data and a.shape == b.shape[::-1] and a.strides == b.strides[::-1]:
+        if _gram(a, b, target) is not None:  # numpy's syrk case, split
+            return target
+        return np.matmul(a, b, out=out)
     plan = _plan(a, b, target, threads)
     if plan is None:
         return np.matmul(a, b, out=out)
-    (_sgemm_blocks if a.dtype == np.float32 else _dgemm_blocks)(*plan)
+    _KERNELS[a.dtype][0](*plan)
     return target

@@ -10,8 +10,8 @@
   ``A = X X^T`` and ``A A = A A^T`` are products of a matrix with its own transpose, which numpy
   hands to ``ssyrk`` (half the flops of a general product); tall matrices use ``X^T X`` and
   ``X B`` instead of being transposed and copied; every product writes into a preallocated
-  buffer and ``a X`` is added in place. The general product ``B X`` is split over the threads
-  (``gemm.matmul``); the two syrk products run on one (split, they would do twice the flops).
+  buffer and ``a X`` is added in place. All three products run on ``gemm.matmul`` (split over
+  numba's threads; the syrk ones as two diagonal syrks against one off-diagonal gemm).
 
 Other dtypes, non-contiguous state and invalid arguments go to the reference unchanged (the
 reference raises the errors, so they read the same on every backend). ``galore_project`` and
