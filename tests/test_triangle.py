@@ -377,8 +377,8 @@ def _check_linear_rows(be, rng):
 def _check_cached_attention(be, rng):
     # (T, start, Hq, Hkv, hd, dv, capacity): a decode step at position 0, decode deep in a
     # cache with GQA, a chunk continuing a sequence with hd/2 odd, a prefill large enough to
-    # split its rows over threads, one query head per kv head, and one decode row over a cache
-    # long enough to split its heads over threads.
+    # split its rows over threads, one query head per kv head, and one decode row over a long
+    # cache (one thread: a decode row is never split).
     for t, start, n_q, n_kv, hd, dv, cap in [(1, 0, 4, 4, 8, 8, 4), (1, 37, 6, 2, 16, 16, 40),
                                              (5, 3, 4, 2, 6, 6, 9), (64, 0, 8, 4, 64, 64, 64), (3, 10, 2, 2, 4, 5, 32),
                                              (1, 3000, 8, 4, 64, 64, 3001)]:

@@ -7,7 +7,7 @@ LM head's product, each one call instead of a chain of small ops.
   exponentials, normalised probabilities, weighted values: the reference's order of
   operations, dot products summed in any order), rounded to float32. No [T, S] score matrix:
   a query row keeps one row of scores per head, so prefill memory is O(S) per thread. Large
-  calls run on numba's threads: query rows for prefill, query heads for one decode row.
+  prefill calls split their query rows over numba's threads; a decode row runs on one.
 - ``linear_rows``: ``x @ w.T`` for a few float32 rows (the LM head at decode), the vocabulary
   rows split over numba's threads, each dot product vectorized (float32, summed in any order,
   like BLAS). BLAS is held at one thread during inference (its spinning workers fight
@@ -59,20 +59,21 @@ def _rope_into(x, cos, sin, out, start):
 
 
 @njit(cache=True, fastmath=_REASSOC, error_model="numpy")
-def _attend_row(q, kc, vc, t, end, h0, h1, scale, scores, acc, out):
-    """out[t, hq] = softmax(scale q[t, hq] . kc[:end, hq // G]) @ vc[:end, hq // G] for query
-    heads h0 .. h1 - 1. Positions outermost: the cache is read front to back once for the
+def _attend_row(q, kc, vc, t, end, scale, scores, acc, out):
+    """out[t, hq] = softmax(scale q[t, hq] . kc[:end, hq // G]) @ vc[:end, hq // G] for every
+    query head hq. Positions outermost: the cache is read front to back once for the
     scores and once for the values."""
     hd = q.shape[2]
     group = q.shape[1] // kc.shape[1]
     dv = vc.shape[2]
-    for hq in range(h0, h1):
+    n_q = q.shape[1]
+    for hq in range(n_q):
         for d in range(dv):
             acc[hq, d] = 0.0
     for j in range(end):
-        for hq in range(h0, h1):
+        for hq in range(n_q):
             scores[hq, j] = _dot(q[t, hq], kc[j, hq // group], hd) * scale
-    for hq in range(h0, h1):
+    for hq in range(n_q):
         m = -np.inf
         for j in range(end):
             if scores[hq, j] > m:
@@ -85,50 +86,48 @@ def _attend_row(q, kc, vc, t, end, h0, h1, scale, scores, acc, out):
         for j in range(end):
             scores[hq, j] /= total
     for j in range(end):
-        for hq in range(h0, h1):
+        for hq in range(n_q):
             p = scores[hq, j]
             row = vc[j, hq // group]
             for d in range(dv):
                 acc[hq, d] += p * row[d]
-    for hq in range(h0, h1):
+    for hq in range(n_q):
         for d in range(dv):
             out[t, hq, d] = acc[hq, d]
 
 
 @parallel_when_large(cache=True, fastmath=_REASSOC, error_model="numpy")  # version chosen by task count
-def _step(q, k, v, kc, vc, start, cos, sin, scale, out, row_tasks, head_tasks):
+def _step(q, k, v, kc, vc, start, cos, sin, scale, out, row_tasks):
     """RoPE and the cache write, then every query row t (position start + t) over cache
-    positions 0 .. start + t. Tasks: rows dealt round-robin to ``row_tasks`` (later rows read
-    more positions) times query heads split in ``head_tasks`` ranges (one decode row over a
-    long cache)."""
+    positions 0 .. start + t, the rows dealt round-robin to ``row_tasks`` tasks (later rows
+    read more positions)."""
     t_len, n_q, hd = q.shape
     _rope_into(k, cos, sin, kc, start)
     for t in range(t_len):
         vc[start + t] = v[t]
     q64 = np.empty(q.shape, _F64)
     _rope_into(q, cos, sin, q64, 0)
-    for task in prange(row_tasks * head_tasks):
-        first, part = task // head_tasks, task % head_tasks
-        h0, h1 = part * n_q // head_tasks, (part + 1) * n_q // head_tasks
+    for first in prange(row_tasks):
         scores = np.empty((n_q, start + t_len), _F64)
         acc = np.empty((n_q, vc.shape[2]), _F64)
         for t in range(first, t_len, row_tasks):
-            _attend_row(q64, kc, vc, t, start + t + 1, h0, h1, scale, scores, acc, out)
+            _attend_row(q64, kc, vc, t, start + t + 1, scale, scores, acc, out)
 
 
-# A call is split over threads from this many multiply-adds (scores and values) on: above
-# a few hundred cached positions at 768 wide once workers spin (inference), far more otherwise.
+# A call is split over threads (by query rows) from this many multiply-adds (scores and
+# values) on: above a few hundred cached positions at 768 wide once workers spin (inference),
+# far more otherwise. A single row (decode) runs on one thread: splitting its heads over two
+# measured slower in real decode steps (nano_125m shape, int8 head, 2026-12-08: 5.1-5.6 ms a
+# step with one thread on attention against 5.6-7.7 ms split, at 256 cached positions; 7.7-8.6
+# against 10.5-11.8 ms at 900), though faster in isolation with the cache warm.
 ATTEND_PARALLEL_MIN = {True: 1 << 18, False: 1 << 21}
 
 
-def _tasks(t_len, n_q, work):
-    """(row tasks, head tasks) for a call of ``work`` multiply-adds."""
+def _row_tasks(t_len, work):
+    """Row tasks for a call of ``t_len`` query rows and ``work`` multiply-adds."""
     if work < ATTEND_PARALLEL_MIN[threads.spinning_workers()]:
-        return 1, 1
-    n = numba.get_num_threads()
-    if t_len >= n:
-        return n, 1
-    return 1, min(n, n_q)
+        return 1
+    return max(1, min(numba.get_num_threads(), t_len))
 
 
 def cached_attention(q, k, v, k_cache, v_cache, start, cos, sin):
@@ -141,10 +140,10 @@ def cached_attention(q, k, v, k_cache, v_cache, start, cos, sin):
         return ref_nn.cached_attention(q, k, v, k_cache, v_cache, start, cos, sin)
     t_len, n_q, hd = q.shape[1], q.shape[2], q.shape[3]
     out = np.empty((1, t_len, n_q, v.shape[3]), _F32)
-    rows, heads = _tasks(t_len, n_q, 2 * t_len * n_q * hd * (start + (t_len + 1) // 2))
-    kernel = _step.parallel if rows * heads > 1 else _step.serial
+    rows = _row_tasks(t_len, 2 * t_len * n_q * hd * (start + (t_len + 1) // 2))
+    kernel = _step.parallel if rows > 1 else _step.serial
     kernel(np.ascontiguousarray(q[0]), np.ascontiguousarray(k[0]), np.ascontiguousarray(v[0]), k_cache[0], v_cache[0],
-           start, np.ascontiguousarray(cos), np.ascontiguousarray(sin), 1.0 / math.sqrt(hd), out[0], rows, heads)
+           start, np.ascontiguousarray(cos), np.ascontiguousarray(sin), 1.0 / math.sqrt(hd), out[0], rows)
     return out
 
 
