@@ -58,7 +58,9 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     from backends import get_backend
+    from backends.threads import inference_spin
 
+    inference_spin()  # as the engine does, before numba's pool starts (set_num_threads starts it)
     be = get_backend(args.backend)
     print(f"machine: {cpu_name()}, {os.cpu_count()} logical cores; backend {be.name} ({be.description})")
     try:

@@ -1,12 +1,13 @@
 """Where a decode step's time goes: per-op profile of the engine on a random-weight preset shape.
 
-    .venv/bin/python scripts/profile_decode.py [--config nano_125m] [--threads 2] [--steps 40] [--head float32]
+    .venv/bin/python scripts/profile_decode.py [--config nano_125m] [--threads 2] [--steps 40] [--head float32] [--prompt 256]
 
-Runs ``--steps`` single-token decode steps (after a 16-token prompt and a warm-up) under
-cProfile and prints the step time without the profiler, then the time per step of each op
-group: the packed ternary products, the LM head, activation quantization, attention, RMSNorm,
-RoPE, the rest of the backend ops, and the Python around them (the step time the groups do not
-explain). Not a test; the numbers of docs/decode_profile.md come from it.
+Runs ``--steps`` single-token decode steps (after a ``--prompt``-token prompt and a warm-up)
+under cProfile and prints the step time without the profiler, then the time per step of each
+group of kernels (their own time: the packed ternary products, the LM head, activation
+quantization, the attention step, RMSNorm, SwiGLU) and the rest: the Python around them
+(dispatch, checks, reshapes, small numpy ops), which is the step time the kernels do not
+explain. Not a test; the numbers of docs/decode_profile.md come from it.
 """
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ import numpy as np
 
 GROUPS = (  # (label, substrings of "file:function" that belong to it), first match wins
     ("packed ternary GEMV/GEMM", ("packed_x86.py:gemv", "packed_x86.py:gemm", "packed_plain.py:gemm")),
-    ("LM head", ("gpt.py:head", "int8.py:_int8_rows", "int8.py:int8_linear")),
-    ("activation quantization", ("quant.py:quantize_acts", "quant.py:_quantize_acts")),
-    ("attention (float64 core)", ("nn.py:forward", "nn.py:attention")),
-    ("RMSNorm", ("nn.py:_rmsnorm", "nn.py:rmsnorm")),
-    ("RoPE", ("nn.py:rope_rotate", "nn.py:_rope_rotate", "nn.py:rope_tables")),
+    ("LM head", ("decode.py:_rows_times", "decode.py:linear_rows", "int8.py:_int8_rows", "int8.py:int8_linear")),
+    ("activation quantization", ("quant.py:_quantize_acts",)),
+    ("attention (RoPE, cache, float64 core)", ("decode.py:_step", "decode.py:_rope_into", "decode.py:_attend_row")),
+    ("RMSNorm", ("nn.py:_rmsnorm",)),
+    ("SwiGLU", ("nn.py:_swiglu",)),
 )
 
 
@@ -33,17 +34,19 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--head", default="float32", choices=["float32", "int8"])
+    p.add_argument("--prompt", type=int, default=16, help="prompt tokens before the timed steps")
     args = p.parse_args(argv)
     import numba
 
     from nanochat.config import load_config
     from nanochat.infer.engine import Engine, random_model
 
-    numba.set_num_threads(args.threads)
     cfg = load_config(args.config)
-    engine = Engine(random_model(cfg), "numba", head=args.head)
+    # the engine sets up spinning workers before numba's pool starts; set_num_threads starts it
+    engine = Engine(random_model(cfg), "numba", head=args.head, max_len=args.prompt + 3 * args.steps + 8)
+    numba.set_num_threads(args.threads)
     seq = engine.new_sequence()
-    engine.prefill(seq, list(np.random.default_rng(1).integers(0, cfg.model.vocab_size, 16)))
+    engine.prefill(seq, list(np.random.default_rng(1).integers(0, cfg.model.vocab_size, args.prompt)))
     for _ in range(5):
         engine.decode([seq], [1])
     t0 = time.perf_counter()
@@ -71,9 +74,9 @@ def main(argv=None):
     for label, tt in groups.items():
         ms = tt / args.steps * scale * 1e3
         explained += ms
-        print(f"  {label:28s} {ms:7.2f} ms  {ms / (step * 1e3):6.1%}")
+        print(f"  {label:38s} {ms:7.2f} ms  {ms / (step * 1e3):6.1%}")
     rest = step * 1e3 - explained
-    print(f"  {'other ops + Python':28s} {rest:7.2f} ms  {rest / (step * 1e3):6.1%}")
+    print(f"  {'Python and small numpy ops':38s} {rest:7.2f} ms  {rest / (step * 1e3):6.1%}")
 
 
 if __name__ == "__main__":
