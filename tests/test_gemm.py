@@ -122,3 +122,15 @@ def test_a_matrix_times_its_transpose_is_numpys_syrk_exactly(split_everything, d
             assert np.array_equal(got, got.T)
             np.testing.assert_allclose(got, np.matmul(a, b), rtol=1e-6 if dtype == np.float32 else 1e-13, atol=1e-7)
     assert len(grams) == 12 and all(g is not None for g in grams)
+
+
+def test_without_numpys_cblas_products_are_numpys_and_blas_keeps_its_threads(monkeypatch):
+    """Another BLAS under numpy: no split products, and the thread policy gives BLAS the threads."""
+    from backends import threads
+
+    monkeypatch.setattr(gemm, "AVAILABLE", False)
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    assert np.array_equal(gemm.matmul(a, a.T), a @ a.T)
+    assert threads.blas_threads(2) == 2
+    monkeypatch.setattr(gemm, "AVAILABLE", True)
+    assert threads.blas_threads(2) == 1
