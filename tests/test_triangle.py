@@ -311,8 +311,9 @@ def _check_packed(be, rng):
 @check("packed_linear")
 def _check_packed_linear(be, rng):
     # Float rows quantized per row, then the packed product: one row (decode), several rows,
-    # an all-zero row, a K that is a single group.
-    for m, k, g, n in [(37, 256, 64, 1), (600, 256, 64, 5), (16, 512, 256, 3), (7, 20, 20, 2), (70, 2112, 64, 1)]:
+    # an all-zero row, a K that is a single group, no rows, rows enough to quantize on threads.
+    for m, k, g, n in [(37, 256, 64, 1), (600, 256, 64, 5), (16, 512, 256, 3), (7, 20, 20, 2), (70, 2112, 64, 1),
+                       (9, 64, 64, 0), (33, 1024, 128, 160)]:
         packed, scales = _packed_case(rng, m, k, g)
         handle = be.prepare_packed(be.asarray(packed), be.asarray(scales), g)
         handle_ref = reference.OPS["prepare_packed"](packed, scales, g)

@@ -19,7 +19,7 @@ from reference import ternary as ref
 
 from .. import threads
 from . import cpu_features, packed_plain, packed_x86
-from .quant import _data, quantize_acts
+from .quant import _data, quantize_rows
 
 DEFAULT_PATH = cpu_features.default_path()
 
@@ -168,7 +168,9 @@ def packed_linear(handle, x):
     _check_handle("packed_linear", handle)
     x = _data(x)
     ref.check_linear_acts(handle.shape, x)
-    xq, xs = quantize_acts(x)
+    if x.size == 0:
+        return np.zeros((x.shape[0], handle.shape[0]), np.float32)
+    xq, xs = quantize_rows(np.ascontiguousarray(x))
     return _run(handle, xq, xs.astype(np.float64))
 
 

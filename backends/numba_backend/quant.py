@@ -199,17 +199,23 @@ def quantize_acts(x):
         raise ValueError(f"quantize_acts: x must have at least one axis [..., K], got shape {x.shape}")
     if x.shape[-1] == 0 or x.size == 0:
         return np.zeros(x.shape, np.int8), np.zeros(x.shape[:-1], x.dtype)
-    x2 = np.ascontiguousarray(x).reshape(-1, x.shape[-1])
+    q, s = quantize_rows(np.ascontiguousarray(x).reshape(-1, x.shape[-1]))
+    return q.reshape(x.shape), s.reshape(x.shape[:-1])
+
+
+def quantize_rows(x2):
+    """``quantize_acts`` on a checked, C-contiguous, non-empty float matrix ``[N, K]`` (the
+    packed products call it after their own argument check)."""
     q = np.empty(x2.shape, np.int8)
-    s = np.empty(x2.shape[0], x.dtype)
-    dt = x.dtype.type
+    s = np.empty(x2.shape[0], x2.dtype)
+    dt = x2.dtype.type
     args = (x2, dt(ACT_LEVELS), dt(ZERO_THRESHOLD), q, s)
     n_tasks = _tasks(x2.shape[0], x2.size)
     if n_tasks > 1:
         _quantize_acts_parallel(*args, n_tasks)
     else:
         _quantize_acts_rows(*args, 0, x2.shape[0])
-    return q.reshape(x.shape), s.reshape(x.shape[:-1])
+    return q, s
 
 
 # --- 2-bit packing ------------------------------------------------------------------------
