@@ -32,7 +32,7 @@ from backends.cupy_backend import emulator as cuda_emulator
 import reference
 from reference import mhc as ref_mhc
 from reference import optim as ref_optim
-from reference.autograd import Tensor
+from reference.autograd import Tensor, data_of, no_grad
 from reference.ternary import RowSelection
 
 pytestmark = pytest.mark.triangle
@@ -417,6 +417,14 @@ def _check_rmsnorm(be, rng):
     compare(be, "rmsnorm", [np.zeros((3, 16)), rng.standard_normal(16)], options={"eps": 1e-5}, label=" zeros")
     compare(be, "rmsnorm", [rng.standard_normal((5, 24)), rng.standard_normal(24)], wrt=[0], label=" dx only")
     compare(be, "rmsnorm", [rng.standard_normal((5, 24)), rng.standard_normal(24)], wrt=[1], label=" dw only")
+    # Plain arrays (the engine's calls): the same values as through the autograd node.
+    x, w = rng.standard_normal((1, 3, 40)).astype(np.float32), rng.standard_normal(40).astype(np.float32)
+    with no_grad():
+        plain = be.to_numpy(data_of(be.rmsnorm(be.asarray(x), be.asarray(w), eps=1e-5)))
+    tracked = be.rmsnorm(Tensor(be.asarray(x), requires_grad=True), Tensor(be.asarray(w), requires_grad=True), eps=1e-5)
+    assert_exact(plain, be.to_numpy(tracked.data), f"{be.name}.rmsnorm plain arrays")
+    assert_close(plain, reference.OPS["rmsnorm"](x.astype(np.float64), w.astype(np.float64), eps=1e-5).data,
+                 f"{be.name}.rmsnorm plain arrays vs reference")
 
 
 def _check_glu(name):

@@ -235,6 +235,15 @@ class RMSNorm(Function):
 
 def rmsnorm(x, w, eps=1e-6):
     """RMSNorm over the last axis (SPEC 5): x [..., D], w [D] -> [..., D]; same as the reference."""
+    if type(x) is np.ndarray and type(w) is np.ndarray and x.dtype == w.dtype == np.float32 and x.ndim >= 1 \
+            and x.shape[-1] and x.flags.c_contiguous and w.flags.c_contiguous:
+        # Plain arrays (the engine; nothing to differentiate): the same checks and kernel
+        # without the autograd node, a few microseconds less on each of ~50 calls a decode step.
+        ref_nn.check_rmsnorm_args(x, w)
+        d = x.shape[-1]
+        y = np.empty(x.shape, np.float32)
+        _rmsnorm_forward(x.reshape(-1, d), w, np.float64(eps), y.reshape(-1, d), np.empty(x.size // d, np.float32))
+        return Tensor(y)
     if not _is_f32(x, w) or _arr(x).ndim < 1 or _arr(x).shape[-1] == 0:
         return ref_nn.rmsnorm(x, w, eps=eps)
     return RMSNorm.apply(x, w, eps=eps)
