@@ -74,6 +74,7 @@ def _find_cblas():
 _CBLAS = _find_cblas()
 AVAILABLE = _CBLAS is not None
 
+
 def _kernels(real, gemm, syrk):
     """The two block kernels for one float type (``real``) over its cblas ``gemm``/``syrk``.
     Not cached on disk: the function addresses are this process's.
