@@ -410,7 +410,7 @@ class Model:
         z = self.be.xp.concatenate([self.mtp_hidden(h[None, :], i, linear=linear) for i in range(n_heads)])
         if head is not None:
             return head(z)
-        return z @ self.params["tok_embeddings" if self.cfg.tie_embeddings else "lm_head"].T
+        return self.be.linear_rows(z, self.params["tok_embeddings" if self.cfg.tie_embeddings else "lm_head"])
 
     def logits(self, idx):
         """Full-sequence logits [B, T, V] of the training forward (no loss)."""
