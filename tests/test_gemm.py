@@ -74,8 +74,9 @@ def test_out_overlapping_an_input_is_numpys_business(split_everything):
 
 
 def test_training_shapes_are_bit_identical_to_one_product(monkeypatch):
-    """At the shapes training uses, the blocks reproduce the whole product exactly on this
-    machine's BLAS (one thread): the thread count does not change the numbers."""
+    """At the shapes training uses, row/column/batch blocks reproduce the whole product exactly
+    (one thread; the same gemm driver blocks K by K alone): the thread count does not change
+    the numbers."""
     before = numba.get_num_threads()
     numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
     if numba.get_num_threads() < 2:
@@ -89,9 +90,12 @@ def test_training_shapes_are_bit_identical_to_one_product(monkeypatch):
                 a = rng.standard_normal(sa).astype(np.float32)
                 b = rng.standard_normal(sb).astype(np.float32)
                 assert np.array_equal(gemm.matmul(a, b), np.matmul(a, b))
+            # numpy's syrk against two syrks and a gemm: OpenBLAS's syrk and gemm drivers block
+            # K the same way on the machines measured (bit-identical there), but that is the
+            # library's choice per CPU, so only float32 agreement is asserted here.
             for x in (rng.standard_normal((256, 768)).astype(np.float32), rng.standard_normal((768, 256)).astype(np.float32)):
-                assert np.array_equal(gemm.matmul(x, x.T), np.matmul(x, x.T))  # numpy's syrk
-                assert np.array_equal(gemm.matmul(x.T, x), np.matmul(x.T, x))
+                np.testing.assert_allclose(gemm.matmul(x, x.T), np.matmul(x, x.T), rtol=1e-5, atol=1e-4)
+                np.testing.assert_allclose(gemm.matmul(x.T, x), np.matmul(x.T, x), rtol=1e-5, atol=1e-4)
     finally:
         numba.set_num_threads(before)
 
