@@ -12,9 +12,11 @@ So BLAS runs one thread (``backends.threads``) and ``matmul`` splits a large pro
 ``cblas_?gemm`` made from a numba ``prange`` loop: the same worker threads that run the numba
 kernels run the blocks, and nothing else is left spinning. (A pool of Python threads for the
 blocks measured worse: a product right after a numba kernel took 12 ms instead of 8.5, the
-helper thread landing on the busy core.) Each block is the whole product's BLAS kernel over
-the same K order, so the result is bit-identical to one ``np.matmul`` on the same library
-(tested at the training shapes).
+helper thread landing on the busy core.) Each row, column or batch block is the whole
+product's BLAS kernel over the same K order, so the result is bit-identical to one
+``np.matmul`` on the same library (tested at the training shapes). The split syrk (two
+diagonal syrks and one gemm) matched numpy's syrk bit for bit on the machines measured; that
+rests on OpenBLAS blocking K alike in its two drivers, so the tests ask float32 agreement.
 
 Where numpy's BLAS is not an OpenBLAS with the ``cblas_?gemm64_`` symbols (another BLAS, an
 unusual build), ``AVAILABLE`` is False, every product is ``np.matmul`` and the thread policy
