@@ -184,6 +184,7 @@ class ThreadPolicy:
         current choice), BLAS to ``blas_threads(threads)``."""
         n = int(threads or self.threads)
         self.threads = n
+        blas = blas_threads(n)
         try:
             import numba
 
@@ -195,11 +196,11 @@ class ThreadPolicy:
 
             # The limiter object keeps the originals; limits apply to every loaded BLAS/OpenMP
             # library (numpy's and scipy's OpenBLAS, libgomp).
-            self._limiter = threadpool_limits(limits={"blas": blas_threads(n), "openmp": n})
+            self._limiter = threadpool_limits(limits={"blas": blas, "openmp": n})
         except Exception:
             self._limiter = None
         global _BLAS_ONE
-        _BLAS_ONE = self._limiter is not None and blas_threads(n) == 1
+        _BLAS_ONE = self._limiter is not None and blas == 1
         return n
 
     def choose(self, others):

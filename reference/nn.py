@@ -425,8 +425,9 @@ def cached_attention(q, k, v, k_cache, v_cache, start, cos, sin):
     positions ``start .. start + T - 1``; ``cos``/``sin`` [T, hd/2] their RoPE tables; caches
     [1, capacity, Hkv, hd|dv], float32 (RoPE's outputs are float32, so the cache holds them
     exactly). Writes ``rope_rotate(k)`` and ``v`` into the caches at those positions and
-    returns the causal attention of ``rope_rotate(q)`` over cache positions ``0 .. start + T - 1``, computed in float64 and rounded to float32 ``[1, T, Hq, dv]``. It is
-    exactly this composition of ``rope_rotate`` and ``attention``; backends fuse it.
+    returns the causal attention of ``rope_rotate(q)`` over cache positions
+    ``0 .. start + T - 1``, computed in float64 and rounded to float32 ``[1, T, Hq, dv]``. It
+    is exactly this composition of ``rope_rotate`` and ``attention``; backends fuse it.
     """
     check_cached_attention_args(q, k, v, k_cache, v_cache, start, cos, sin)
     end = start + q.shape[1]

@@ -22,7 +22,7 @@ GROUPS = (  # (label, substrings of "file:function" that belong to it), first ma
     ("packed ternary GEMV/GEMM", ("packed_x86.py:gemv", "packed_x86.py:gemm", "packed_plain.py:gemm")),
     ("LM head", ("decode.py:_rows_times", "decode.py:linear_rows", "int8.py:_int8_rows", "int8.py:int8_linear")),
     ("activation quantization", ("quant.py:_quantize_acts",)),
-    ("attention (RoPE, cache, float64 core)", ("decode.py:_step", "decode.py:_rope_into", "decode.py:_attend_row")),
+    ("attention (RoPE, cache, float64 core)", ("decode.py:_step",)),
     ("RMSNorm", ("nn.py:_rmsnorm",)),
     ("SwiGLU", ("nn.py:_swiglu",)),
 )

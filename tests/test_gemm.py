@@ -1,11 +1,11 @@
 """The numba backend's threaded float product (backends/numba_backend/gemm.py)."""
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 
-numba = pytest.importorskip("numba")
-gemm = pytest.importorskip("backends.numba_backend.gemm")
+from backends.numba_backend import gemm
 
 
 @pytest.fixture

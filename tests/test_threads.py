@@ -46,8 +46,8 @@ def test_choose_leaves_the_busy_cores(monkeypatch):
 
 def test_apply_sets_numba_and_blas_pools():
     """numba gets the policy's count, BLAS one thread (the numba backend splits products itself)."""
-    threadpoolctl = pytest.importorskip("threadpoolctl")
     import numba
+    import threadpoolctl
 
     before = numba.get_num_threads()
     blas_before = [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
@@ -141,7 +141,8 @@ def test_inference_spin_changes_nothing_once_the_pool_runs():
 
 
 def test_packed_products_go_parallel_sooner_with_spinning_workers(monkeypatch):
-    packed = pytest.importorskip("backends.numba_backend.packed")
+    from backends.numba_backend import packed
+
     monkeypatch.setattr(threads, "_SPINNING", True)
     assert packed._min_macs() == packed.SPINNING_MIN_MACS
     monkeypatch.setattr(threads, "_SPINNING", False)

@@ -43,8 +43,8 @@ _ADDR = ctypes.c_uint64  # pointers travel as 64-bit integers (LP64 ABI: same re
 
 
 def _find_cblas():
-    """numpy's OpenBLAS ``cblas_sgemm``/``cblas_dgemm`` (64-bit-int interface) as ctypes
-    functions, or None."""
+    """numpy's OpenBLAS ``cblas_?gemm`` and ``cblas_?syrk`` (64-bit-int interface) as ctypes
+    functions, ``{"s": (gemm, syrk), "d": (gemm, syrk)}``, or None."""
     try:
         from threadpoolctl import threadpool_info
 

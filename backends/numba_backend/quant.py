@@ -204,8 +204,8 @@ def quantize_acts(x):
 
 
 def quantize_rows(x2):
-    """``quantize_acts`` on a checked, C-contiguous, non-empty float matrix ``[N, K]`` (the
-    packed products call it after their own argument check)."""
+    """``quantize_acts`` on a checked, C-contiguous float matrix ``[N, K]`` with K > 0 (the
+    packed products call it after their own argument check; N may be 0)."""
     q = np.empty(x2.shape, np.int8)
     s = np.empty(x2.shape[0], x2.dtype)
     dt = x2.dtype.type

@@ -8,11 +8,10 @@ so memory follows the tokens in use, not the configured context.
 
 Attention layers keep keys (after RoPE) and values in float32 (exactly the values the
 float32 projections and RoPE produce; the attention core reads them into float64); DeltaNet
-layers keep their
-state ``S`` (float64) plus, with ``record``, the per-token recurrence inputs and a snapshot of
-``S`` every ``SNAPSHOT_EVERY`` positions: rewinding restores the nearest snapshot at or before
-the target and replays the stored inputs with ``gated_delta_step`` (exact: the same step
-function decode uses).
+layers keep their state ``S`` (float64) plus, with ``record``, the per-token recurrence
+inputs and a snapshot of ``S`` every ``SNAPSHOT_EVERY`` positions: rewinding restores the
+nearest snapshot at or before the target and replays the stored inputs with
+``gated_delta_step`` (exact: the same step function decode uses).
 """
 from __future__ import annotations
 
