@@ -10,13 +10,14 @@ backward side by side:
 - ``mhc``       mHC residual streams (static and dynamic) and the ``.mhc`` file format
 - ``moe``       top-k routing and the load-balancing loss
 - ``deltanet``  Gated DeltaNet (recurrent and chunkwise)
+- ``decode``    one decode step of a whole dense attention block (what backends fuse)
 - ``optim``     AdamW, Lion, Muon, 8-bit Muon, GaLore 2, schedule, clipping
 """
 from .autograd import Function, Tensor, array_module, gradcheck, no_grad
-from . import ops, nn, ternary, mhc, moe, deltanet, optim
+from . import ops, nn, ternary, mhc, moe, deltanet, decode, optim
 
 OPS = {}
-for _module in (ops, nn, ternary, mhc, moe, deltanet, optim):
+for _module in (ops, nn, ternary, mhc, moe, deltanet, decode, optim):
     _clash = set(OPS) & set(_module.OPS)
     assert not _clash, f"op names defined twice: {sorted(_clash)}"
     OPS.update(_module.OPS)

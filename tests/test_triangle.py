@@ -404,6 +404,53 @@ def _check_cached_attention(be, rng):
         be.cached_attention(be.asarray(q), be.asarray(k), be.asarray(v), kc_be, vc_be, cap, be.asarray(cos), be.asarray(sin))
 
 
+
+def _decode_layers(be, rng, dim, heads, kv_heads, hd, hidden, g, sub, glu):
+    """The same random dense block as a ``DecodeLayer`` for ``be`` and for the reference."""
+    from reference.decode import DecodeLayer
+
+    shapes = [((heads + 2 * kv_heads) * hd, dim), (dim, heads * hd), (2 * hidden, dim), (dim, hidden)]
+    cases = [_packed_case(rng, m, k, g) for m, k in shapes]
+    norms = [rng.uniform(0.5, 1.5, n).astype(np.float32) for n in (dim, heads * hd, dim, hidden)]
+    layers = []
+    for prepare, asarray in ((be.prepare_packed, be.asarray), (reference.OPS["prepare_packed"], np.asarray)):
+        qkv, wo, gate_up, w_down = (prepare(asarray(p), asarray(s), g) for p, s in cases)
+        attn_norm, attn_sub, ffn_norm, ffn_sub = (asarray(n) for n in norms)
+        layers.append(DecodeLayer(1e-6, attn_norm, qkv, heads, kv_heads, hd, attn_sub if sub else None, wo, ffn_norm,
+                                  gate_up, hidden, glu, ffn_sub if sub else None, w_down))
+    return layers
+
+
+@check("decode_layer")
+def _check_decode_layer(be, rng):
+    # (dim, heads, kv heads, head_dim, hidden, group, SubLN, glu, position, capacity): GQA deep in
+    # a cache, position 0, no SubLN with ReLU2-GLU, a group size that is no multiple of 32 (the
+    # numba backend's plain packed path), the last cache row, and products large enough to
+    # split over threads (gate|up: 8M multiply-adds).
+    for dim, heads, kv_heads, hd, hidden, g, sub, glu, start, cap in [
+            (128, 4, 2, 32, 256, 64, True, "swiglu", 37, 40), (64, 2, 2, 32, 128, 32, True, "swiglu", 0, 4),
+            (96, 3, 1, 32, 192, 32, False, "relu2_glu", 5, 9), (40, 2, 1, 20, 80, 20, True, "swiglu", 3, 8),
+            (64, 4, 4, 16, 64, 64, True, "relu2_glu", 15, 16), (1024, 8, 4, 128, 4096, 256, True, "swiglu", 20, 32)]:
+        layer, layer_ref = _decode_layers(be, rng, dim, heads, kv_heads, hd, hidden, g, sub, glu)
+        x = rng.standard_normal((1, dim)).astype(np.float32)
+        cos, sin = reference.OPS["rope_tables"](np.arange(start, start + 1), hd, 10000.0, np.float32)
+        kc = rng.standard_normal((1, cap, kv_heads, hd)).astype(np.float32)
+        vc = rng.standard_normal((1, cap, kv_heads, hd)).astype(np.float32)
+        kc_ref, vc_ref = kc.copy(), vc.copy()
+        kc_be, vc_be = be.asarray(kc), be.asarray(vc)
+        got = be.to_numpy(be.decode_layer(be.asarray(x), layer, kc_be, vc_be, start, be.asarray(cos), be.asarray(sin)))
+        want = reference.OPS["decode_layer"](x, layer_ref, kc_ref, vc_ref, start, cos, sin)
+        what = f"{be.name}.decode_layer dim={dim} heads {heads}/{kv_heads} G={g} {glu} sub={sub} start={start}"
+        assert got.dtype == np.float32 and got.shape == (1, dim)
+        assert_close(got, want, what)
+        assert_close(be.to_numpy(kc_be), kc_ref, what + " k cache")
+        assert_exact(be.to_numpy(vc_be), vc_ref, what + " v cache")
+    with pytest.raises(ValueError, match="outside the cache"):
+        be.decode_layer(be.asarray(x), layer, kc_be, vc_be, cap, be.asarray(cos), be.asarray(sin))
+    with pytest.raises(ValueError, match="one token"):
+        be.decode_layer(be.asarray(np.zeros((2, dim), np.float32)), layer, kc_be, vc_be, 0, be.asarray(cos), be.asarray(sin))
+
+
 # --- nn ops -----------------------------------------------------------------------------------
 
 

@@ -6,10 +6,15 @@ A parallel region wakes numba's thread pool, whose workers sleep between regions
 token takes. Decoding runs hundreds of such small ops per token, so they stay serial below
 ``PARALLEL_MIN_ELEMENTS`` (the same trade-off as ``packed.PARALLEL_MIN_MACS``). Both versions
 run the same code (``prange`` is ``range`` when not parallel), so results are identical.
+
+Also here: ``cache_depends_on``, for a file whose cached kernels call other files' kernels
+(numba's disk cache only checks the caller's own file).
 """
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import types
 
 import numba
@@ -46,3 +51,43 @@ def parallel_when_large(**options):
         return call
 
     return wrap
+
+
+# --- caches of kernels that call other files' kernels -------------------------------------
+
+_DEPENDENCIES: dict[str, tuple[str, ...]] = {}
+
+
+def _dependent_locator():
+    """A numba cache locator (numba's user-directory one) whose source stamp covers the
+    files registered with ``cache_depends_on`` besides the kernel's own file."""
+    from numba.core import caching
+
+    base = getattr(caching, "UserProvidedCacheLocator", None) or caching._UserProvidedCacheLocator
+    impl = getattr(caching, "CacheImpl", None) or caching._CacheImpl
+
+    class DependentLocator(base):
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            if os.path.abspath(py_file) not in _DEPENDENCIES:
+                return None
+            return super().from_function(py_func, py_file)
+
+        def get_source_stamp(self):
+            stamps = [super().get_source_stamp()]
+            for path in _DEPENDENCIES[os.path.abspath(self._py_file)]:
+                with open(path, "rb") as f:
+                    stamps.append(hashlib.sha256(f.read()).hexdigest())
+            return tuple(stamps)
+
+    impl._locator_classes.insert(0, DependentLocator)
+
+
+def cache_depends_on(path, *dependencies):
+    """Declare that the cached kernels of the file ``path`` call numba kernels defined in the
+    files ``dependencies`` (each is compiled into the caller). numba's cache checks only the
+    caller's own file, so without this an edit to a callee would leave a stale kernel on
+    disk. Call at the top of ``path``, before its kernels are decorated."""
+    if not _DEPENDENCIES:
+        _dependent_locator()
+    _DEPENDENCIES[os.path.abspath(path)] = tuple(os.path.abspath(d) for d in dependencies)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from reference.autograd import Tensor, data_of, grad_enabled
+from reference.decode import DecodeLayer
 from nanochat.model.cache import MIN_CAPACITY, KVCache, DeltaState, SequenceCache
 from nanochat.model.linear import TrainingLinear
 from nanochat.model.params import parameter_table
@@ -79,6 +80,8 @@ class Run:
         self.linear = linear if linear is not None else TrainingLinear(be, model.params, c.group_size, keep)
         self.keep = keep
         self.moe, self.h_res = [], []
+        # whole blocks as one op where the backend fuses them and the weights are packed
+        self.fused_decode = self.inference and "decode_layer" in be.overridden and hasattr(self.linear, "decode_layer")
         b, t = idx.shape
         if self.inference:
             self.starts = [cache.position for cache in caches]
@@ -261,12 +264,31 @@ class Block:
         self.mixer = AttentionMixer(model, p + "attn.") if mixer_kind == "attention" else DeltaNetMixer(model, p + "delta.")
         self.ffn = MoEFFN(model, p + "moe.") if ffn_kind == "moe" else DenseFFN(model, p + "ffn.")
         self.mhc = (MHCUnit(model, p + "mhc_attn."), MHCUnit(model, p + "mhc_ffn.")) if model.cfg.n_streams > 1 else None
+        # a plain dense attention block can decode a token in one op (``decode_layer``)
+        self.fusable = self.mhc is None and mixer_kind == "attention" and ffn_kind == "dense"
+
+    def _decode_layer(self, linear):
+        """The ``DecodeLayer`` of this block for ``linear``'s packed weights, or None."""
+        c, P, a, f = self.m.cfg, self.m.params, self.mixer.p, self.ffn.p
+        qkv, gate_up = linear.stacked(a + "wq", a + "wk", a + "wv"), linear.stacked(f + "w_gate", f + "w_up")
+        if qkv is None or gate_up is None:
+            return None
+        return DecodeLayer(c.norm_eps, P[self.p + "attn_norm"], qkv, c.n_heads, c.n_kv_heads, c.head_dim,
+                           P[a + "sub_norm"] if c.sub_norm else None, linear.matrices[linear.members[a + "wo"][0]],
+                           P[self.p + "ffn_norm"], gate_up, c.ffn_hidden, "swiglu" if c.ffn_type == "swiglu" else "relu2_glu",
+                           P[f + "sub_norm"] if c.sub_norm else None, linear.matrices[linear.members[f + "w_down"][0]])
 
     def new_state(self, capacity):
         return self.mixer.new_state(capacity)
 
     def __call__(self, run, x, streams, states, b, t):
         c, F, P = self.m.cfg, run.F, self.m.params
+        if run.fused_decode and self.fusable and b == 1 and t == 1:
+            layer = run.linear.decode_layer(self.p, self._decode_layer)
+            if layer is not None:
+                kv = states[0]
+                return F.decode_layer(x.reshape(1, c.dim), layer, kv.k, kv.v, run.starts[0],
+                                      *run.rope_tables[0]).reshape(1, 1, c.dim), streams
 
         def mix(u):
             return self.mixer(run, F.rmsnorm(u, P[self.p + "attn_norm"], eps=c.norm_eps), states)

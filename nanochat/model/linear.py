@@ -82,8 +82,10 @@ class PackedLinear:
 
     def __init__(self, be, ternary, group_size, dequantized=False):
         self.be, self.xp, self.group_size, self.dequantized = be, be.xp, group_size, bool(dequantized)
-        self.matrices, self.members = {}, {}
+        self.matrices, self.members, self.stacks = {}, {}, {}
+        self._layers: dict = {}
         for key, members in fusion_groups(ternary):
+            self.stacks[key] = tuple(members)
             rows = [ternary[name][0].shape[0] for name in members]
             packed = np.concatenate([np.asarray(ternary[name][0]) for name in members])
             scales = np.concatenate([np.asarray(ternary[name][1], dtype=F32) for name in members])
@@ -114,6 +116,18 @@ class PackedLinear:
             y = self._products[key][:, first:last]
             out.append(y.reshape(lead + (y.shape[-1],)))
         return out
+
+    def stacked(self, *names):
+        """The prepared matrix whose rows are exactly ``names``' in this order, or None."""
+        key = self.members[names[0]][0]
+        return self.matrices[key] if self.stacks[key] == names else None
+
+    def decode_layer(self, key, make):
+        """The ``DecodeLayer`` of block ``key``, made once by ``make(self)`` (None: the block
+        has no fused step with these weights, e.g. dequantized float products)."""
+        if key not in self._layers:
+            self._layers[key] = None if self.dequantized else make(self)
+        return self._layers[key]
 
     def forget(self):
         """Drop the reference to the last input (called at the end of a forward)."""
