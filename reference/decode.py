@@ -1,6 +1,7 @@
 """One decode step of a whole dense attention block (inference; no gradient).
 
-``decode_layer`` is exactly this composition of reference ops, for one token of one sequence:
+``decode_layer`` is exactly this composition of reference ops, for T tokens of one sequence
+(one in a decode step; a prompt chunk or a speculative verify holds several):
 
     h = rmsnorm(x, attn_norm);  q, k, v = packed_linear(qkv, h)
     o = cached_attention(q, k, v, k_cache, v_cache, start, cos, sin)   [then rmsnorm(o, attn_sub)]
@@ -68,20 +69,21 @@ def check_decode_layer_args(x, layer, k_cache, v_cache, start):
     if not isinstance(layer, DecodeLayer):
         raise ValueError(f"decode_layer: expected a DecodeLayer, got {type(layer).__name__}")
     dim = layer.attn_norm.shape[0]
-    if x.dtype != np.float32 or x.shape != (1, dim):
-        raise ValueError(f"decode_layer: x must be float32 [1, {dim}] (one token), got {x.dtype} {x.shape}")
+    if x.dtype != np.float32 or x.ndim != 2 or x.shape[0] < 1 or x.shape[1] != dim:
+        raise ValueError(f"decode_layer: x must be float32 [T, {dim}] (T >= 1 tokens of one sequence), got {x.dtype} {x.shape}")
     kv = (1, k_cache.shape[1], layer.n_kv_heads, layer.head_dim)
     if k_cache.shape != kv or v_cache.shape != kv:
         raise ValueError(f"decode_layer: caches must be [1, capacity, {layer.n_kv_heads}, {layer.head_dim}], "
                          f"got {k_cache.shape} and {v_cache.shape}")
-    if not 0 <= start < k_cache.shape[1]:
-        raise ValueError(f"decode_layer: position {start} is outside the cache (capacity {k_cache.shape[1]})")
+    if start < 0 or start + x.shape[0] > k_cache.shape[1]:
+        raise ValueError(f"decode_layer: positions {start}..{start + x.shape[0] - 1} are outside the cache "
+                         f"(capacity {k_cache.shape[1]})")
 
 
 def decode_layer(x, layer, k_cache, v_cache, start, cos, sin):
-    """``x float32 [1, C]`` (the residual stream of one token at position ``start``) -> the
-    block's output ``[1, C]``; writes the token's key and value into the caches (see the
-    module docstring). ``cos``/``sin`` ``[1, head_dim / 2]``: the RoPE tables of ``start``."""
+    """``x float32 [T, C]`` (the residual stream of T tokens of one sequence at positions
+    ``start ..``) -> the block's output ``[T, C]``; writes their keys and values into the caches
+    (see the module docstring). ``cos``/``sin`` ``[T, head_dim / 2]``: their RoPE tables."""
     return compose(_REFERENCE.__getitem__, x, layer, k_cache, v_cache, start, cos, sin)
 
 
@@ -91,12 +93,12 @@ def compose(op, x, layer, k_cache, v_cache, start, cos, sin):
     x = data_of(x)
     start = int(start)
     check_decode_layer_args(x, layer, k_cache, v_cache, start)
-    eps, hq, hkv, hd = layer.eps, layer.n_heads, layer.n_kv_heads, layer.head_dim
+    t, eps, hq, hkv, hd = x.shape[0], layer.eps, layer.n_heads, layer.n_kv_heads, layer.head_dim
     rmsnorm, linear = op("rmsnorm"), op("packed_linear")
     qkv = linear(layer.qkv, data_of(rmsnorm(x, layer.attn_norm, eps=eps)))
     q, k, v = qkv[:, :hq * hd], qkv[:, hq * hd:(hq + hkv) * hd], qkv[:, (hq + hkv) * hd:]
-    o = data_of(op("cached_attention")(q.reshape(1, 1, hq, hd), k.reshape(1, 1, hkv, hd), v.reshape(1, 1, hkv, hd),
-                                       k_cache, v_cache, start, cos, sin)).reshape(1, hq * hd)
+    o = data_of(op("cached_attention")(q.reshape(1, t, hq, hd), k.reshape(1, t, hkv, hd), v.reshape(1, t, hkv, hd),
+                                       k_cache, v_cache, start, cos, sin)).reshape(t, hq * hd)
     if layer.attn_sub is not None:
         o = data_of(rmsnorm(o, layer.attn_sub, eps=eps))
     x = x + linear(layer.wo, o)

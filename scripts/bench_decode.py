@@ -67,6 +67,7 @@ def main(argv=None):
         import numba
 
         if args.threads:
+            os.environ["NANOCHAT_THREADS"] = str(args.threads)  # fixed: the engine's thread policy keeps it
             numba.set_num_threads(args.threads)
         print(f"numba threads: {numba.get_num_threads()}")
     except ImportError:

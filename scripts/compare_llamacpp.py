@@ -19,6 +19,7 @@ Not a test; never run in CI.
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import subprocess
@@ -38,6 +39,7 @@ def run_ours(model, head, threads, n_prompt, n_tokens):
     from nanochat.infer.engine import Engine
 
     engine = Engine.from_path(model, "numba", head=head)
+    os.environ["NANOCHAT_THREADS"] = str(threads)  # a fixed count: the engine's thread policy keeps it
     numba.set_num_threads(threads)
     prompt = prompt_ids(engine.cfg.vocab_size, n_prompt)
 

@@ -12,6 +12,7 @@ explain. Not a test; the numbers of docs/decode_profile.md come from it.
 from __future__ import annotations
 
 import argparse
+import os
 import cProfile
 import pstats
 import time
@@ -44,6 +45,7 @@ def main(argv=None):
     cfg = load_config(args.config)
     # the engine sets up spinning workers before numba's pool starts; set_num_threads starts it
     engine = Engine(random_model(cfg), "numba", head=args.head, max_len=args.prompt + 3 * args.steps + 8)
+    os.environ["NANOCHAT_THREADS"] = str(args.threads)  # a fixed count: the engine's thread policy keeps it
     numba.set_num_threads(args.threads)
     seq = engine.new_sequence()
     engine.prefill(seq, list(np.random.default_rng(1).integers(0, cfg.model.vocab_size, args.prompt)))

@@ -21,11 +21,11 @@ def test_fused_equals_the_op_chain_bit_for_bit(shape):
     dim, heads, kv_heads, hd = shape[:4]
     layer, _ = _decode_layers(nb, rng, *shape)
     assert fused.supports(layer)
-    for start in (0, 7, 30):
-        x = rng.standard_normal((1, dim)).astype(np.float32)
-        cos, sin = reference.OPS["rope_tables"](np.arange(start, start + 1), hd, 10000.0, np.float32)
-        kc = rng.standard_normal((1, 31, kv_heads, hd)).astype(np.float32)
-        vc = rng.standard_normal((1, 31, kv_heads, hd)).astype(np.float32)
+    for t, start in ((1, 0), (1, 7), (1, 30), (3, 9), (70, 40)):
+        x = rng.standard_normal((t, dim)).astype(np.float32)
+        cos, sin = reference.OPS["rope_tables"](np.arange(start, start + t), hd, 10000.0, np.float32)
+        kc = rng.standard_normal((1, 110, kv_heads, hd)).astype(np.float32)
+        vc = rng.standard_normal((1, 110, kv_heads, hd)).astype(np.float32)
         k1, v1, k2, v2 = kc.copy(), vc.copy(), kc.copy(), vc.copy()
         got = nb.decode_layer(x, layer, k1, v1, start, cos, sin)
         want = compose(nb.op, x, layer, k2, v2, start, cos, sin)

@@ -111,6 +111,27 @@ def test_start_training_applies_the_policy(monkeypatch, tmp_path):
         threads.apply_thread_policy(threads.available_cores())
 
 
+def test_inference_forwards_leave_a_busy_core(monkeypatch):
+    """inference_threads (before every engine forward) resizes numba's pool to the free cores."""
+    import numba
+
+    class Busy:
+        def others(self):
+            return 1.0  # another process holds a core
+
+    monkeypatch.delenv(threads.ENV_THREADS, raising=False)
+    before = numba.get_num_threads()
+    try:
+        threads.apply_thread_policy()
+        pol = threads.policy()
+        pol.adaptive, pol.fixed, pol._meter = True, None, Busy()
+        threads.inference_threads()
+        assert numba.get_num_threads() == 1 and pol.threads == 1
+    finally:
+        numba.set_num_threads(before)
+        threads.apply_thread_policy(threads.available_cores())
+
+
 def _spin_probe(env_extra, start_pool_first=False):
     """Run inference_spin in a fresh process; return (its answer, GOMP_SPINCOUNT, spinning_workers)."""
     env = dict(os.environ, **env_extra)

@@ -23,81 +23,121 @@ from numba import njit, prange
 
 from reference import decode as ref
 
-from . import decode, nn, packed, packed_x86, quant
+from . import decode, dispatch, nn, packed, packed_x86, quant
 from .dispatch import cache_depends_on
-from .packed_x86 import GEMV_ROWS, _gemv_blocks, group_sums
+from .packed_x86 import GEMM_ROWS, GEMV_ROWS, _gemm_blocks, _gemv_blocks, group_sums
 from .quant import _data
+from .. import threads
 
-cache_depends_on(__file__, decode.__file__, nn.__file__, packed_x86.__file__, quant.__file__)
+cache_depends_on(__file__, decode.__file__, dispatch.__file__, nn.__file__, packed_x86.__file__, quant.__file__)
 
-_rmsnorm = nn._rmsnorm_forward.serial
-_swiglu = nn._swiglu_forward.serial
-_relu2_glu = nn._relu2_glu_forward.serial
-_quantize = quant._quantize_acts_rows
-_rope_into = decode._rope_into
-_attend_row = decode._attend_row
+_quantize, _quantize_parallel = quant._quantize_acts_rows, quant._quantize_acts_parallel
+
+_rmsnorm_serial, _rmsnorm_parallel = nn._rmsnorm_forward.serial, nn._rmsnorm_forward.parallel
+_swiglu_serial, _swiglu_parallel = nn._swiglu_forward.serial, nn._swiglu_forward.parallel
+_relu2_serial, _relu2_parallel = nn._relu2_glu_forward.serial, nn._relu2_glu_forward.parallel
+_step_serial, _step_parallel = decode._step.serial, decode._step.parallel
+_ELEMENTS = dispatch.PARALLEL_MIN_ELEMENTS  # nn's row kernels: parallel from this size (parallel_when_large)
+_QUANT_ELEMENTS = quant.PARALLEL_MIN_ELEMENTS
+
+
+@njit(cache=True)
+def _tasks(rows, elements, min_elements):
+    """``dispatch.n_tasks`` inside a kernel."""
+    if elements < min_elements:
+        return 1
+    return max(1, min(rows, numba.get_num_threads()))
 
 
 @njit(cache=True)
 def _norm(x, w, eps):
-    """rmsnorm of one row ``x [1, D]`` (the op's kernel)."""
+    """rmsnorm of the rows of ``x [T, D]`` (the op's kernel, serial or parallel by size as the op picks)."""
     y = np.empty_like(x)
-    _rmsnorm(x, w, eps, y, np.empty(1, np.float32))
+    rstd = np.empty(x.shape[0], np.float32)
+    if x.size >= _ELEMENTS:
+        _rmsnorm_parallel(x, w, eps, y, rstd)
+    else:
+        _rmsnorm_serial(x, w, eps, y, rstd)
     return y
 
 
+@njit(cache=True)
+def _glu(gate, up, relu2):
+    """SwiGLU or ReLU2-GLU of ``[T, F]`` rows, on the flattened rows as the ops run them."""
+    g, u = gate.copy().reshape(gate.size), up.copy().reshape(up.size)
+    y = np.empty(gate.size, np.float32)
+    if relu2:
+        if y.size >= _ELEMENTS:
+            _relu2_parallel(g, u, y)
+        else:
+            _relu2_serial(g, u, y)
+    elif y.size >= _ELEMENTS:
+        _swiglu_parallel(g, u, y)
+    else:
+        _swiglu_serial(g, u, y)
+    return y.reshape(gate.shape)
+
+
 @njit(cache=True, parallel=True)
-def _linear(path, x, layout, scales_t, group_size, m, n_tasks):
-    """packed_linear of one row ``x [1, K]``: quantize, then the GEMV's row blocks over
-    ``n_tasks`` threads (``packed._run``'s split)."""
+def _linear(path, x, layout, scales_t, group_size, m, min_macs):
+    """packed_linear of the rows ``x [T, K]`` (``packed.packed_linear``): the activation quantizer
+    (rows over threads when large), then GEMV (one row) or GEMM row blocks over numba's threads
+    when the product reaches ``min_macs`` (``packed._run``'s split)."""
+    n, k = x.shape
     xq = np.empty(x.shape, np.int8)
-    xs = np.empty(1, np.float32)
-    _quantize(x, np.float32(quant.ACT_LEVELS), np.float32(quant.ZERO_THRESHOLD), xq, xs, 0, 1)
+    xs = np.empty(n, np.float32)
+    levels, zero = np.float32(quant.ACT_LEVELS), np.float32(quant.ZERO_THRESHOLD)
+    q_tasks = _tasks(n, x.size, _QUANT_ELEMENTS)
+    if q_tasks > 1:
+        _quantize_parallel(x, levels, zero, xq, xs, q_tasks)
+    else:
+        _quantize(x, levels, zero, xq, xs, 0, n)
     xs64 = xs.astype(np.float64)
-    out = np.empty((1, m), np.float32)
+    out = np.empty((n, m), np.float32)
     xsums = group_sums(xq, group_size)
     cpg = group_size // 32
-    n_blocks = layout.shape[0] // GEMV_ROWS
+    n_blocks = layout.shape[0] // (GEMV_ROWS if n == 1 else GEMM_ROWS)
+    n_tasks = min(numba.get_num_threads(), n_blocks) if m * k * n >= min_macs else 1
     if n_tasks > 1:
-        n_tasks = min(n_tasks, n_blocks)
         for task in prange(n_tasks):
-            _gemv_blocks(path, layout, scales_t, xq, xs64, xsums, cpg, m,
-                         task * n_blocks // n_tasks, (task + 1) * n_blocks // n_tasks, out)
-    else:
+            b0, b1 = task * n_blocks // n_tasks, (task + 1) * n_blocks // n_tasks
+            if n == 1:
+                _gemv_blocks(path, layout, scales_t, xq, xs64, xsums, cpg, m, b0, b1, out)
+            else:
+                _gemm_blocks(path, layout, scales_t, xq, xs64, xsums, cpg, m, b0, b1, out)
+    elif n == 1:
         _gemv_blocks(path, layout, scales_t, xq, xs64, xsums, cpg, m, 0, n_blocks, out)
+    else:
+        _gemm_blocks(path, layout, scales_t, xq, xs64, xsums, cpg, m, 0, n_blocks, out)
     return out
 
 
 @njit(cache=True)
-def _layer(path, x, eps, group_size, attn_norm, qkv, qkv_s, qkv_tasks, n_q, n_kv, hd,
-           k_cache, v_cache, start, cos, sin, attn_sub, wo, wo_s, wo_tasks,
-           ffn_norm, gate_up, gate_up_s, gate_up_tasks, hidden, glu, ffn_sub, w_down, w_down_s, w_down_tasks):
-    dim = x.shape[1]
-    y = _linear(path, _norm(x, attn_norm, eps), qkv, qkv_s, group_size, (n_q + 2 * n_kv) * hd, qkv_tasks)
-    # the attention step of decode._step for one row: RoPE, cache write, float64 attention
-    q = y[0, :n_q * hd].copy().reshape((1, n_q, hd))
-    k = y[0, n_q * hd:(n_q + n_kv) * hd].copy().reshape((1, n_kv, hd))
-    _rope_into(k, cos, sin, k_cache, start)
-    v_cache[start] = y[0, (n_q + n_kv) * hd:].reshape((n_kv, hd))
-    q64 = np.empty(q.shape, np.float64)
-    _rope_into(q, cos, sin, q64, 0)
-    o = np.empty((1, n_q, hd), np.float32)
-    _attend_row(q64, k_cache, v_cache, 0, start + 1, 1.0 / math.sqrt(hd),
-                np.empty((n_q, start + 1), np.float64), np.empty((n_q, hd), np.float64), o)
-    o2 = o.reshape((1, n_q * hd))
+def _layer(path, x, eps, group_size, min_macs, attend_min, attn_norm, qkv, qkv_s, n_q, n_kv, hd,
+           k_cache, v_cache, start, cos, sin, attn_sub, wo, wo_s,
+           ffn_norm, gate_up, gate_up_s, hidden, relu2, ffn_sub, w_down, w_down_s):
+    t, dim = x.shape
+    y = _linear(path, _norm(x, attn_norm, eps), qkv, qkv_s, group_size, (n_q + 2 * n_kv) * hd, min_macs)
+    q = y[:, :n_q * hd].copy().reshape((t, n_q, hd))
+    k = y[:, n_q * hd:(n_q + n_kv) * hd].copy().reshape((t, n_kv, hd))
+    v = y[:, (n_q + n_kv) * hd:].copy().reshape((t, n_kv, hd))
+    # decode.cached_attention's kernel: RoPE, the cache write, the float64 attention
+    o = np.empty((t, n_q, hd), np.float32)
+    work = 2 * t * n_q * hd * (start + (t + 1) // 2)
+    rows = 1 if work < attend_min else max(1, min(numba.get_num_threads(), t))
+    if rows > 1:
+        _step_parallel(q, k, v, k_cache, v_cache, start, cos, sin, 1.0 / math.sqrt(hd), o, rows)
+    else:
+        _step_serial(q, k, v, k_cache, v_cache, start, cos, sin, 1.0 / math.sqrt(hd), o, rows)
+    o2 = o.reshape((t, n_q * hd))
     if attn_sub.shape[0]:
         o2 = _norm(o2, attn_sub, eps)
-    x = x + _linear(path, o2, wo, wo_s, group_size, dim, wo_tasks)
-    gu = _linear(path, _norm(x, ffn_norm, eps), gate_up, gate_up_s, group_size, 2 * hidden, gate_up_tasks)
-    a = np.empty((1, hidden), np.float32)
-    gate, up = gu[0, :hidden].copy(), gu[0, hidden:].copy()
-    if glu == 0:
-        _swiglu(gate, up, a[0])
-    else:
-        _relu2_glu(gate, up, a[0])
+    x = x + _linear(path, o2, wo, wo_s, group_size, dim, min_macs)
+    gu = _linear(path, _norm(x, ffn_norm, eps), gate_up, gate_up_s, group_size, 2 * hidden, min_macs)
+    a = _glu(gu[:, :hidden], gu[:, hidden:], relu2)
     if ffn_sub.shape[0]:
         a = _norm(a, ffn_sub, eps)
-    return x + _linear(path, a, w_down, w_down_s, group_size, dim, w_down_tasks)
+    return x + _linear(path, a, w_down, w_down_s, group_size, dim, min_macs)
 
 
 def supports(layer):
@@ -114,11 +154,11 @@ def _prepared(layer):
     """The kernel's fixed arguments, made once per layer: (path, group size, products)."""
     if layer.prepared is None:
         f32 = lambda a: np.ascontiguousarray(_data(a), dtype=np.float32)  # noqa: E731
-        products = [(h.layout, h.scales_t, h.shape[0] * h.shape[1]) for h in (layer.qkv, layer.wo, layer.gate_up, layer.w_down)]
+        products = [(h.layout, h.scales_t) for h in (layer.qkv, layer.wo, layer.gate_up, layer.w_down)]
         layer.prepared = (packed_x86.PATHS[layer.qkv.kernel], layer.qkv.group_size, products,
                           f32(layer.attn_norm), _NO_NORM if layer.attn_sub is None else f32(layer.attn_sub),
                           f32(layer.ffn_norm), _NO_NORM if layer.ffn_sub is None else f32(layer.ffn_sub),
-                          ref.GLUS.index(layer.glu))
+                          layer.glu == "relu2_glu")
     return layer.prepared
 
 
@@ -131,17 +171,14 @@ def decode_layer(x, layer, k_cache, v_cache, start, cos, sin):
         from .. import get_backend
 
         return ref.compose(get_backend("numba").op, x, layer, k_cache, v_cache, start, cos, sin)
-    path, group_size, products, attn_norm, attn_sub, ffn_norm, ffn_sub, glu = _prepared(layer)
     if not (k_cache.dtype == v_cache.dtype == np.float32 and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous):
         raise ValueError("decode_layer: the caches must be C-contiguous float32 arrays")
-    threads = numba.get_num_threads()
-    min_macs = packed._min_macs()
-    (qkv, qkv_s, n1), (wo, wo_s, n2), (gu, gu_s, n3), (wd, wd_s, n4) = products
-    tasks = [threads if n >= min_macs else 1 for n in (n1, n2, n3, n4)]
-    return _layer(path, np.ascontiguousarray(x), np.float64(layer.eps), group_size, attn_norm, qkv, qkv_s, tasks[0],
+    path, group_size, (qkv, wo, gu, wd), attn_norm, attn_sub, ffn_norm, ffn_sub, relu2 = _prepared(layer)
+    return _layer(path, np.ascontiguousarray(x), np.float64(layer.eps), group_size, packed._min_macs(),
+                  decode.ATTEND_PARALLEL_MIN[threads.spinning_workers()], attn_norm, *qkv,
                   layer.n_heads, layer.n_kv_heads, layer.head_dim, k_cache[0], v_cache[0], start,
                   np.ascontiguousarray(_data(cos), dtype=np.float32), np.ascontiguousarray(_data(sin), dtype=np.float32),
-                  attn_sub, wo, wo_s, tasks[1], ffn_norm, gu, gu_s, tasks[2], layer.hidden, glu, ffn_sub, wd, wd_s, tasks[3])
+                  attn_sub, *wo, ffn_norm, *gu, layer.hidden, relu2, ffn_sub, *wd)
 
 
 OPS = {"decode_layer": decode_layer}

@@ -283,12 +283,12 @@ class Block:
 
     def __call__(self, run, x, streams, states, b, t):
         c, F, P = self.m.cfg, run.F, self.m.params
-        if run.fused_decode and self.fusable and b == 1 and t == 1:
+        if run.fused_decode and self.fusable and b == 1:
             layer = run.linear.decode_layer(self.p, self._decode_layer)
             if layer is not None:
                 kv = states[0]
-                return F.decode_layer(x.reshape(1, c.dim), layer, kv.k, kv.v, run.starts[0],
-                                      *run.rope_tables[0]).reshape(1, 1, c.dim), streams
+                return F.decode_layer(x.reshape(t, c.dim), layer, kv.k, kv.v, run.starts[0],
+                                      *run.rope_tables[0]).reshape(1, t, c.dim), streams
 
         def mix(u):
             return self.mixer(run, F.rmsnorm(u, P[self.p + "attn_norm"], eps=c.norm_eps), states)
