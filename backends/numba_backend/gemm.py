@@ -29,7 +29,9 @@ import os
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 # Below this many multiply-adds a product runs whole in the calling thread (one parallel
 # region costs a few microseconds to start; 64 x 256 x 256 takes about 0.09 ms on one core).
@@ -75,6 +77,32 @@ def _find_cblas():
 
 _CBLAS = _find_cblas()
 AVAILABLE = _CBLAS is not None
+# The address of cblas_sgemm, for ``sgemm`` below (0 when not AVAILABLE).
+SGEMM = ctypes.cast(_CBLAS["s"][0], ctypes.c_void_p).value if AVAILABLE else 0
+
+
+@intrinsic
+def sgemm(typingctx, fn, trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc):
+    """``C = alpha op(A) op(B) + beta C`` (row-major float32) from a numba kernel: a call of
+    the cblas_sgemm at address ``fn`` (``SGEMM``), with A, B, C given as byte addresses.
+
+    The address is an argument, not a constant compiled in (as in ``_kernels``), so kernels
+    that call this can be cached on disk. Integer arguments are int64, trans_a/trans_b the
+    CBLAS codes (111 no transpose, 112 transpose), alpha/beta float32."""
+    u64, i64, f32 = types.uint64, types.int64, types.float32
+    sig = types.void(u64, i64, i64, i64, i64, i64, f32, u64, i64, u64, i64, f32, u64, i64)
+
+    def codegen(context, builder, signature, args):
+        i32, l64, ptr = ir.IntType(32), ir.IntType(64), ir.IntType(8).as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [i32, i32, i32, l64, l64, l64, ir.FloatType(), ptr, l64,
+                                               ptr, l64, ir.FloatType(), ptr, l64])
+        f, ta, tb, m_, n_, k_, al, a_, lda_, b_, ldb_, be, c_, ldc_ = args
+        builder.call(builder.inttoptr(f, fnty.as_pointer()),
+                     [ir.Constant(i32, _ROW_MAJOR), builder.trunc(ta, i32), builder.trunc(tb, i32), m_, n_, k_, al,
+                      builder.inttoptr(a_, ptr), lda_, builder.inttoptr(b_, ptr), ldb_, be, builder.inttoptr(c_, ptr), ldc_])
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 def _kernels(real, gemm, syrk):

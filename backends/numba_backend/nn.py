@@ -31,7 +31,10 @@ from reference.autograd import Function, Tensor, data_of as _arr
 from reference.ops import _check_same_dtype
 
 from . import gemm
-from .dispatch import parallel_when_large
+from .dispatch import PARALLEL_MIN_ELEMENTS, cache_depends_on, n_tasks, parallel_when_large
+from .gemm import sgemm
+
+cache_depends_on(__file__, gemm.__file__)  # the attention kernels compile gemm.sgemm in
 
 _F32 = np.dtype(np.float32)
 
@@ -533,12 +536,144 @@ def _attention_score_grad(probs, gp, scale):
             gp[p, r, j] = probs[p, r, j] * (gp[p, r, j] - dot) * scale
 
 
+# Query blocks of this many rows (of one head's T) in the blocked attention below: 48-64 ran
+# fastest at both training shapes (measured: benchmarks/attention_block.py, docs/backends.md).
+ATTENTION_BLOCK_ROWS = 64
+# Blocked attention (when gemm can call BLAS from numba); False keeps the whole-plane path.
+ATTENTION_BLOCKED = True
+
+_NT, _TR = 111, 112  # CBLAS no-transpose / transpose
+
+
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _ptr(a, offset):
+    """Byte address of element ``offset`` of a C-contiguous float32 array."""
+    return np.uint64(a.ctypes.data + 4 * offset)
+
+
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _block_span(t_len, s_len, r1, causal):
+    """Columns of a query block ending at row r1 (of T): its last row's visible keys, rounded
+    up to a multiple of 8 (or S), so ``_row_dot`` over the block's row puts every key in the
+    same float64 lane as over the full row of the whole-plane path: identical row dots."""
+    vis = min(s_len, s_len - t_len + r1) if causal else s_len
+    return min(s_len, (vis + 7) // 8 * 8)
+
+
+@njit(cache=True, fastmath=False, error_model="numpy")
+def _block_scores(fn, qs, ks, p, q0, rows, w, buf):
+    """buf[:rows, :w] = Q[p, q0:q0+rows] K[p, :w]^T (one single-thread sgemm)."""
+    hd = qs.shape[2]
+    sgemm(fn, _NT, _TR, rows, w, hd, np.float32(1.0), _ptr(qs, (p * qs.shape[1] + q0) * hd), hd,
+          _ptr(ks, p * ks.shape[1] * hd), hd, np.float32(0.0), _ptr(buf, 0), w)
+
+
+@parallel_when_large(cache=True, fastmath=False, error_model="numpy")
+def _attention_blocks_forward(qs, ks, vs, out, row_max, row_inv, fn, t_len, scale, causal, block, chunks):
+    """out = softmax(scale Q K^T) V per query block, as ``_attention_probs`` + two sgemms do
+    over the whole [G*T, S] plane, keeping only each row's max and float32 1/sum.
+
+    Work items are (plane, head of the group, query block), split into ``chunks`` contiguous
+    runs, one per thread, each with one [block, S] scratch. A causal block's products stop at
+    its last row's visible keys."""
+    planes, gt, hd = qs.shape
+    s_len, dv = ks.shape[1], vs.shape[2]
+    per_head = (t_len + block - 1) // block
+    items = planes * (gt // t_len) * per_head
+    for c in prange(chunks):
+        buf = np.empty(block * s_len, np.float32)
+        for it in range(items * c // chunks, items * (c + 1) // chunks):
+            p = it // (items // planes)
+            g = it // per_head % (gt // t_len)
+            r0 = it % per_head * block
+            rows = min(block, t_len - r0)
+            q0 = g * t_len + r0
+            w = _block_span(t_len, s_len, r0 + rows, causal)
+            _block_scores(fn, qs, ks, p, q0, rows, w, buf)
+            for i in range(rows):
+                row = buf[i * w:(i + 1) * w]
+                vis = min(s_len, s_len - t_len + r0 + i + 1) if causal else s_len
+                for j in range(vis):
+                    row[j] = row[j] * scale
+                m = _row_max(row[:vis])
+                for j in range(vis):
+                    row[j] = exp_nonpos(row[j] - m)
+                inv = np.float32(1.0 / _row_sum(row[:vis]))
+                for j in range(vis):
+                    row[j] = row[j] * inv
+                for j in range(vis, w):
+                    row[j] = 0
+                row_max[p, q0 + i] = m
+                row_inv[p, q0 + i] = inv
+            sgemm(fn, _NT, _NT, rows, dv, w, np.float32(1.0), _ptr(buf, 0), w, _ptr(vs, p * s_len * dv), dv,
+                  np.float32(0.0), _ptr(out, (p * gt + q0) * dv), dv)
+
+
+@parallel_when_large(cache=True, fastmath=False, error_model="numpy")
+def _attention_blocks_backward(qs, ks, vs, gys, row_max, row_inv, gq, gk, gv, fn, t_len, scale, causal, block,
+                               chunks, need_q, need_k, need_v):
+    """The backward of ``_attention_blocks_forward``, one plane (batch, kv head) per task so
+    that dK and dV (zeroed by the caller) accumulate without races: per query block, P is
+    recomputed bit for bit from the saved row max and 1/sum, then dV += P^T dO,
+    dS = P (dO V^T - rowsum(P dO V^T)) scale (``_attention_score_grad``), dQ = dS K and
+    dK += dS^T Q."""
+    planes, gt, hd = qs.shape
+    s_len, dv = ks.shape[1], vs.shape[2]
+    per_head = (t_len + block - 1) // block
+    one, zero = np.float32(1.0), np.float32(0.0)
+    for c in prange(chunks):
+        probs = np.empty(block * s_len, np.float32)
+        grads = np.empty(block * s_len, np.float32)
+        for p in range(planes * c // chunks, planes * (c + 1) // chunks):
+            for it in range(gt // t_len * per_head):
+                g = it // per_head
+                r0 = it % per_head * block
+                rows = min(block, t_len - r0)
+                q0 = g * t_len + r0
+                w = _block_span(t_len, s_len, r0 + rows, causal)
+                _block_scores(fn, qs, ks, p, q0, rows, w, probs)
+                for i in range(rows):
+                    row = probs[i * w:(i + 1) * w]
+                    vis = min(s_len, s_len - t_len + r0 + i + 1) if causal else s_len
+                    m, inv = row_max[p, q0 + i], row_inv[p, q0 + i]
+                    for j in range(vis):
+                        row[j] = exp_nonpos(row[j] * scale - m) * inv
+                    for j in range(vis, w):
+                        row[j] = 0
+                if need_v:
+                    sgemm(fn, _TR, _NT, w, dv, rows, one, _ptr(probs, 0), w, _ptr(gys, (p * gt + q0) * dv), dv,
+                          one, _ptr(gv, p * s_len * dv), dv)
+                if need_q or need_k:
+                    sgemm(fn, _NT, _TR, rows, w, dv, one, _ptr(gys, (p * gt + q0) * dv), dv, _ptr(vs, p * s_len * dv),
+                          dv, zero, _ptr(grads, 0), w)
+                    for i in range(rows):
+                        pr = probs[i * w:(i + 1) * w]
+                        gr = grads[i * w:(i + 1) * w]
+                        dot = np.float32(_row_dot(gr, pr))
+                        for j in range(w):
+                            gr[j] = pr[j] * (gr[j] - dot) * scale
+                    if need_q:
+                        sgemm(fn, _NT, _NT, rows, hd, w, one, _ptr(grads, 0), w, _ptr(ks, p * s_len * hd), hd,
+                              zero, _ptr(gq, (p * gt + q0) * hd), hd)
+                    if need_k:
+                        sgemm(fn, _TR, _NT, w, hd, rows, one, _ptr(grads, 0), w, _ptr(qs, (p * gt + q0) * hd), hd,
+                              one, _ptr(gk, p * s_len * hd), hd)
+
+
 class Attention(Function):
     """``reference.nn.Attention`` (GQA, causal offset S - T) with contiguous per-head BLAS
     products and fused numba softmax kernels (float32).
 
-    The G query heads that read one kv head are stacked into one [G*T, hd] matrix, so every
-    product is one sgemm per (batch, kv head) and dK, dV sum over the group inside the sgemm.
+    The G query heads that read one kv head are stacked into one [G*T, hd] matrix. Two ways:
+
+    - blocked (``ATTENTION_BLOCKED`` and ``gemm.AVAILABLE``): query blocks of
+      ``ATTENTION_BLOCK_ROWS`` rows, each Q K^T, softmax and P V in a per-thread [block, S]
+      scratch, with single-thread sgemms called from the numba kernel; only the rows' max and
+      1/sum are kept, and the backward recomputes P. The [G*T, S] probabilities (96 MiB per
+      layer at the nano_125m shape, batch 2) are never stored, and causal blocks skip the keys
+      none of their rows sees;
+    - whole planes: P [B*Hkv, G*T, S] from one sgemm per plane, kept for the backward, where
+      dK and dV sum over the group inside the sgemm.
     """
 
     @staticmethod
@@ -552,36 +687,61 @@ class Attention(Function):
         qs = np.ascontiguousarray(q.reshape(b, t, n_kv, group, hd).transpose(0, 2, 3, 1, 4)).reshape(b * n_kv, group * t, hd)
         ks = np.ascontiguousarray(k.transpose(0, 2, 1, 3)).reshape(b * n_kv, s_len, hd)
         vs = np.ascontiguousarray(v.transpose(0, 2, 1, 3)).reshape(b * n_kv, s_len, dv)
-        probs = gemm.matmul(qs, ks.transpose(0, 2, 1))  # [B*Hkv, G*T, S]
-        if probs.size:
-            _attention_probs(probs, t, s_len, np.float32(scale), bool(causal))
-        out = gemm.matmul(probs, vs)  # [B*Hkv, G*T, dv]
-        ctx.save(qs, ks, vs, probs, scale, q.shape, v.shape)
+        blocked = ATTENTION_BLOCKED and gemm.AVAILABLE and min(qs.size, vs.size) > 0
+        if blocked:
+            block = min(ATTENTION_BLOCK_ROWS, t)
+            out = np.empty((b * n_kv, group * t, dv), np.float32)
+            stats = np.empty((2, b * n_kv, group * t), np.float32)  # row max, row 1/sum
+            items = b * n_kv * group * -(-t // block)
+            _attention_blocks_forward(qs, ks, vs, out, stats[0], stats[1], gemm.SGEMM, t, np.float32(scale),
+                                      bool(causal), block, n_tasks(items, qs.size, PARALLEL_MIN_ELEMENTS))
+            ctx.save(qs, ks, vs, stats, scale, q.shape, v.shape, bool(causal), block)
+        else:
+            probs = gemm.matmul(qs, ks.transpose(0, 2, 1))  # [B*Hkv, G*T, S]
+            if probs.size:
+                _attention_probs(probs, t, s_len, np.float32(scale), bool(causal))
+            out = gemm.matmul(probs, vs)  # [B*Hkv, G*T, dv]
+            ctx.save(qs, ks, vs, probs, scale, q.shape, v.shape, None, None)
         return np.ascontiguousarray(out.reshape(b, n_kv, group, t, dv).transpose(0, 3, 1, 2, 4)).reshape(b, t, n_q, dv)
 
     @staticmethod
     def backward(ctx, gy):
-        qs, ks, vs, probs, scale, q_shape, v_shape = ctx.saved
+        qs, ks, vs, saved, scale, q_shape, v_shape, causal, block = ctx.saved
         b, t, n_q, hd = q_shape
         s_len, n_kv, dv = v_shape[1], v_shape[2], v_shape[3]
         group = n_q // n_kv
         gys = np.ascontiguousarray(
             gy.astype(np.float32, copy=False).reshape(b, t, n_kv, group, dv).transpose(0, 2, 3, 1, 4)
         ).reshape(b * n_kv, group * t, dv)
-        gq = gk = gv = None
-        if ctx.needs_input_grad[2]:
-            gv = gemm.matmul(probs.transpose(0, 2, 1), gys)  # [B*Hkv, S, dv], summed over the group
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        if block is not None:
+            gq = np.empty(qs.shape, np.float32) if need_q else None
+            gk = np.zeros(ks.shape, np.float32) if need_k else None
+            gv = np.zeros(vs.shape, np.float32) if need_v else None
+            dummy = np.empty((1, 1, 1), np.float32)
+            _attention_blocks_backward(qs, ks, vs, gys, saved[0], saved[1], dummy if gq is None else gq,
+                                       dummy if gk is None else gk, dummy if gv is None else gv, gemm.SGEMM, t,
+                                       np.float32(scale), causal, block,
+                                       n_tasks(qs.shape[0], qs.size, PARALLEL_MIN_ELEMENTS), need_q, need_k, need_v)
+        else:
+            probs = saved
+            gq = gk = gv = None
+            if need_v:
+                gv = gemm.matmul(probs.transpose(0, 2, 1), gys)  # [B*Hkv, S, dv], summed over the group
+            if need_q or need_k:
+                gs = gemm.matmul(gys, vs.transpose(0, 2, 1))  # [B*Hkv, G*T, S]
+                if gs.size:
+                    _attention_score_grad(probs, gs, np.float32(scale))
+                if need_q:
+                    gq = gemm.matmul(gs, ks)
+                if need_k:
+                    gk = gemm.matmul(gs.transpose(0, 2, 1), qs)
+        if gq is not None:
+            gq = np.ascontiguousarray(gq.reshape(b, n_kv, group, t, hd).transpose(0, 3, 1, 2, 4)).reshape(b, t, n_q, hd)
+        if gk is not None:
+            gk = np.ascontiguousarray(gk.reshape(b, n_kv, s_len, hd).transpose(0, 2, 1, 3))
+        if gv is not None:
             gv = np.ascontiguousarray(gv.reshape(b, n_kv, s_len, dv).transpose(0, 2, 1, 3))
-        if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-            gs = gemm.matmul(gys, vs.transpose(0, 2, 1))  # [B*Hkv, G*T, S]
-            if gs.size:
-                _attention_score_grad(probs, gs, np.float32(scale))
-            if ctx.needs_input_grad[0]:
-                gq = gemm.matmul(gs, ks).reshape(b, n_kv, group, t, hd)
-                gq = np.ascontiguousarray(gq.transpose(0, 3, 1, 2, 4)).reshape(b, t, n_q, hd)
-            if ctx.needs_input_grad[1]:
-                gk = gemm.matmul(gs.transpose(0, 2, 1), qs).reshape(b, n_kv, s_len, hd)
-                gk = np.ascontiguousarray(gk.transpose(0, 2, 1, 3))
         return gq, gk, gv
 
 
