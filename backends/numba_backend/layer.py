@@ -42,11 +42,12 @@ _QUANT_ELEMENTS = quant.PARALLEL_MIN_ELEMENTS
 
 
 @njit(cache=True)
-def _tasks(rows, elements, min_elements):
-    """``dispatch.n_tasks`` inside a kernel."""
+def _tasks(rows, elements, min_elements, n_threads):
+    """``dispatch.n_tasks`` inside a kernel (``numba.get_num_threads()`` there would keep the
+    kernel out of the disk cache, so the count comes in as an argument)."""
     if elements < min_elements:
         return 1
-    return max(1, min(rows, numba.get_num_threads()))
+    return max(1, min(rows, n_threads))
 
 
 @njit(cache=True)
@@ -79,7 +80,7 @@ def _glu(gate, up, relu2):
 
 
 @njit(cache=True, parallel=True)
-def _linear(path, x, layout, scales_t, group_size, m, min_macs):
+def _linear(path, x, layout, scales_t, group_size, m, min_macs, n_threads):
     """packed_linear of the rows ``x [T, K]`` (``packed.packed_linear``): the activation quantizer
     (rows over threads when large), then GEMV (one row) or GEMM row blocks over numba's threads
     when the product reaches ``min_macs`` (``packed._run``'s split)."""
@@ -87,7 +88,7 @@ def _linear(path, x, layout, scales_t, group_size, m, min_macs):
     xq = np.empty(x.shape, np.int8)
     xs = np.empty(n, np.float32)
     levels, zero = np.float32(quant.ACT_LEVELS), np.float32(quant.ZERO_THRESHOLD)
-    q_tasks = _tasks(n, x.size, _QUANT_ELEMENTS)
+    q_tasks = _tasks(n, x.size, _QUANT_ELEMENTS, n_threads)
     if q_tasks > 1:
         _quantize_parallel(x, levels, zero, xq, xs, q_tasks)
     else:
@@ -97,7 +98,7 @@ def _linear(path, x, layout, scales_t, group_size, m, min_macs):
     xsums = group_sums(xq, group_size)
     cpg = group_size // 32
     n_blocks = layout.shape[0] // (GEMV_ROWS if n == 1 else GEMM_ROWS)
-    n_tasks = min(numba.get_num_threads(), n_blocks) if m * k * n >= min_macs else 1
+    n_tasks = min(n_threads, n_blocks) if m * k * n >= min_macs else 1
     if n_tasks > 1:
         for task in prange(n_tasks):
             b0, b1 = task * n_blocks // n_tasks, (task + 1) * n_blocks // n_tasks
@@ -113,18 +114,18 @@ def _linear(path, x, layout, scales_t, group_size, m, min_macs):
 
 
 @njit(cache=True)
-def _layer(path, x, eps, group_size, min_macs, attend_min, attn_norm, qkv, qkv_s, n_q, n_kv, hd,
+def _layer(path, x, eps, group_size, n_threads, min_macs, attend_min, attn_norm, qkv, qkv_s, n_q, n_kv, hd,
            k_cache, v_cache, start, cos, sin, attn_sub, wo, wo_s,
            ffn_norm, gate_up, gate_up_s, hidden, relu2, ffn_sub, w_down, w_down_s):
     t, dim = x.shape
-    y = _linear(path, _norm(x, attn_norm, eps), qkv, qkv_s, group_size, (n_q + 2 * n_kv) * hd, min_macs)
+    y = _linear(path, _norm(x, attn_norm, eps), qkv, qkv_s, group_size, (n_q + 2 * n_kv) * hd, min_macs, n_threads)
     q = y[:, :n_q * hd].copy().reshape((t, n_q, hd))
     k = y[:, n_q * hd:(n_q + n_kv) * hd].copy().reshape((t, n_kv, hd))
     v = y[:, (n_q + n_kv) * hd:].copy().reshape((t, n_kv, hd))
     # decode.cached_attention's kernel: RoPE, the cache write, the float64 attention
     o = np.empty((t, n_q, hd), np.float32)
     work = 2 * t * n_q * hd * (start + (t + 1) // 2)
-    rows = 1 if work < attend_min else max(1, min(numba.get_num_threads(), t))
+    rows = 1 if work < attend_min else max(1, min(n_threads, t))
     if rows > 1:
         _step_parallel(q, k, v, k_cache, v_cache, start, cos, sin, 1.0 / math.sqrt(hd), o, rows)
     else:
@@ -132,12 +133,12 @@ def _layer(path, x, eps, group_size, min_macs, attend_min, attn_norm, qkv, qkv_s
     o2 = o.reshape((t, n_q * hd))
     if attn_sub.shape[0]:
         o2 = _norm(o2, attn_sub, eps)
-    x = x + _linear(path, o2, wo, wo_s, group_size, dim, min_macs)
-    gu = _linear(path, _norm(x, ffn_norm, eps), gate_up, gate_up_s, group_size, 2 * hidden, min_macs)
+    x = x + _linear(path, o2, wo, wo_s, group_size, dim, min_macs, n_threads)
+    gu = _linear(path, _norm(x, ffn_norm, eps), gate_up, gate_up_s, group_size, 2 * hidden, min_macs, n_threads)
     a = _glu(gu[:, :hidden], gu[:, hidden:], relu2)
     if ffn_sub.shape[0]:
         a = _norm(a, ffn_sub, eps)
-    return x + _linear(path, a, w_down, w_down_s, group_size, dim, min_macs)
+    return x + _linear(path, a, w_down, w_down_s, group_size, dim, min_macs, n_threads)
 
 
 def supports(layer):
@@ -174,7 +175,7 @@ def decode_layer(x, layer, k_cache, v_cache, start, cos, sin):
     if not (k_cache.dtype == v_cache.dtype == np.float32 and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous):
         raise ValueError("decode_layer: the caches must be C-contiguous float32 arrays")
     path, group_size, (qkv, wo, gu, wd), attn_norm, attn_sub, ffn_norm, ffn_sub, relu2 = _prepared(layer)
-    return _layer(path, np.ascontiguousarray(x), np.float64(layer.eps), group_size, packed._min_macs(),
+    return _layer(path, np.ascontiguousarray(x), np.float64(layer.eps), group_size, numba.get_num_threads(), packed._min_macs(),
                   decode.ATTEND_PARALLEL_MIN[threads.spinning_workers()], attn_norm, *qkv,
                   layer.n_heads, layer.n_kv_heads, layer.head_dim, k_cache[0], v_cache[0], start,
                   np.ascontiguousarray(_data(cos), dtype=np.float32), np.ascontiguousarray(_data(sin), dtype=np.float32),
