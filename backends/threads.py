@@ -263,7 +263,11 @@ def policy():
 def start_training(backend, write=print):
     """The trainer's one call before its first step (and before the first evaluation, which
     compiles the forward kernels): apply the thread policy and say ``compiling kernels, first
-    run only`` when the numba kernels are not cached yet. Returns the policy's ``describe()``."""
+    run only`` when the numba kernels are not cached yet; training also keeps freed memory in
+    the heap (``backends.memory``). Returns the policy's ``describe()``."""
+    from backends.memory import keep_freed_memory
+
+    keep_freed_memory()
     described = apply_thread_policy()
     compile_notice(backend, write)
     return described

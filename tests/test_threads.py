@@ -168,3 +168,17 @@ def test_packed_products_go_parallel_sooner_with_spinning_workers(monkeypatch):
     assert packed._min_macs() == packed.SPINNING_MIN_MACS
     monkeypatch.setattr(threads, "_SPINNING", False)
     assert packed._min_macs() == packed.PARALLEL_MIN_MACS
+
+
+def _heap_probe(env_extra):
+    env = dict(os.environ, **env_extra)
+    code = "from backends.memory import keep_freed_memory; print(keep_freed_memory(), keep_freed_memory())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_training_keeps_freed_memory_in_the_heap():
+    """glibc accepts the heap policy (once per process); NANOCHAT_KEEP_HEAP=0 leaves its defaults."""
+    assert _heap_probe({}) == ["True", "True"]
+    assert _heap_probe({"NANOCHAT_KEEP_HEAP": "0"}) == ["False", "False"]

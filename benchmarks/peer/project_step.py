@@ -88,6 +88,12 @@ def main(argv=None):
         if threads is not None:
             policy = threads.apply_thread_policy()
             adapt = threads.adapt_threads
+        try:  # what the trainer's start_training also does
+            from backends.memory import keep_freed_memory
+
+            keep_freed_memory()
+        except ImportError:  # a tree from before backends.memory
+            pass
 
     import numpy as np
     import backends
