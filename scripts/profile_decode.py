@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 GROUPS = (  # (label, substrings of "file:function" that belong to it), first match wins
-    ("packed ternary GEMV/GEMM", ("packed_x86.py:gemv", "packed_x86.py:gemm", "packed_plain.py:gemm")),
+    ("fused blocks (decode_layer: norms, quantizer, packed GEMV, attention step, GLU)", ("layer.py:_layer", "packed_x86.py:gemv", "packed_x86.py:gemm", "packed_plain.py:gemm")),
     ("LM head", ("decode.py:_rows_times", "decode.py:linear_rows", "int8.py:_int8_rows", "int8.py:int8_linear")),
     ("activation quantization", ("quant.py:_quantize_acts",)),
     ("attention (RoPE, cache, float64 core)", ("decode.py:_step",)),

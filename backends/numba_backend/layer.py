@@ -152,7 +152,9 @@ _NO_NORM = np.zeros(0, np.float32)
 
 
 def _prepared(layer):
-    """The kernel's fixed arguments, made once per layer: (path, group size, products)."""
+    """The kernel's fixed arguments, made once per layer (False: the layer runs the op chain)."""
+    if layer.prepared is None and not supports(layer):
+        layer.prepared = False
     if layer.prepared is None:
         f32 = lambda a: np.ascontiguousarray(_data(a), dtype=np.float32)  # noqa: E731
         products = [(h.layout, h.scales_t) for h in (layer.qkv, layer.wo, layer.gate_up, layer.w_down)]
@@ -168,13 +170,14 @@ def decode_layer(x, layer, k_cache, v_cache, start, cos, sin):
     x = _data(x)
     start = int(start)
     ref.check_decode_layer_args(x, layer, k_cache, v_cache, start)
-    if not supports(layer):
+    prepared = _prepared(layer)
+    if not prepared:
         from .. import get_backend
 
         return ref.compose(get_backend("numba").op, x, layer, k_cache, v_cache, start, cos, sin)
     if not (k_cache.dtype == v_cache.dtype == np.float32 and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous):
         raise ValueError("decode_layer: the caches must be C-contiguous float32 arrays")
-    path, group_size, (qkv, wo, gu, wd), attn_norm, attn_sub, ffn_norm, ffn_sub, relu2 = _prepared(layer)
+    path, group_size, (qkv, wo, gu, wd), attn_norm, attn_sub, ffn_norm, ffn_sub, relu2 = prepared
     return _layer(path, np.ascontiguousarray(x), np.float64(layer.eps), group_size, numba.get_num_threads(), packed._min_macs(),
                   decode.ATTEND_PARALLEL_MIN[threads.spinning_workers()], attn_norm, *qkv,
                   layer.n_heads, layer.n_kv_heads, layer.head_dim, k_cache[0], v_cache[0], start,
