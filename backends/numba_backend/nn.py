@@ -499,6 +499,23 @@ def softmax(x, axis=-1):
 # --- attention -----------------------------------------------------------------------------
 
 
+@njit(cache=True, fastmath=False, error_model="numpy", inline="always")
+def _softmax_row(row, visible, scale):
+    """In place: row[:visible] -> softmax(scale * row[:visible]), the rest of the row -> 0;
+    returns the row's max (of the scaled scores) and float32 1/sum, what recomputes it."""
+    for j in range(visible):
+        row[j] = row[j] * scale
+    m = _row_max(row[:visible])
+    for j in range(visible):
+        row[j] = exp_nonpos(row[j] - m)
+    inv = np.float32(1.0 / _row_sum(row[:visible]))
+    for j in range(visible):
+        row[j] = row[j] * inv
+    for j in range(visible, row.shape[0]):
+        row[j] = 0
+    return m, inv
+
+
 @parallel_when_large(cache=True, fastmath=False, error_model="numpy")
 def _attention_probs(scores, t_len, s_len, scale, causal):
     """In place: scores [P, R, S] -> softmax(scale * scores) per row, causal rows masked.
@@ -510,18 +527,7 @@ def _attention_probs(scores, t_len, s_len, scale, causal):
     for pr in prange(planes * rows):
         p = pr // rows
         r = pr % rows
-        row = scores[p, r]
-        visible = min(keys, s_len - t_len + r % t_len + 1) if causal else keys
-        for j in range(visible):
-            row[j] = row[j] * scale
-        m = _row_max(row[:visible])
-        for j in range(visible):
-            row[j] = exp_nonpos(row[j] - m)
-        inv = np.float32(1.0 / _row_sum(row[:visible]))
-        for j in range(visible):
-            row[j] = row[j] * inv
-        for j in range(visible, keys):
-            row[j] = 0
+        _softmax_row(scores[p, r], min(keys, s_len - t_len + r % t_len + 1) if causal else keys, scale)
 
 
 @parallel_when_large(cache=True, fastmath=False, error_model="numpy")
@@ -591,20 +597,8 @@ def _attention_blocks_forward(qs, ks, vs, out, row_max, row_inv, fn, t_len, scal
             w = _block_span(t_len, s_len, r0 + rows, causal)
             _block_scores(fn, qs, ks, p, q0, rows, w, buf)
             for i in range(rows):
-                row = buf[i * w:(i + 1) * w]
                 vis = min(s_len, s_len - t_len + r0 + i + 1) if causal else s_len
-                for j in range(vis):
-                    row[j] = row[j] * scale
-                m = _row_max(row[:vis])
-                for j in range(vis):
-                    row[j] = exp_nonpos(row[j] - m)
-                inv = np.float32(1.0 / _row_sum(row[:vis]))
-                for j in range(vis):
-                    row[j] = row[j] * inv
-                for j in range(vis, w):
-                    row[j] = 0
-                row_max[p, q0 + i] = m
-                row_inv[p, q0 + i] = inv
+                row_max[p, q0 + i], row_inv[p, q0 + i] = _softmax_row(buf[i * w:(i + 1) * w], vis, scale)
             sgemm(fn, _NT, _NT, rows, dv, w, np.float32(1.0), _ptr(buf, 0), w, _ptr(vs, p * s_len * dv), dv,
                   np.float32(0.0), _ptr(out, (p * gt + q0) * dv), dv)
 
