@@ -566,6 +566,15 @@ def _block_span(t_len, s_len, r1, causal):
     return min(s_len, (vis + 7) // 8 * 8)
 
 
+@njit(cache=True, inline="always")
+def _block_geometry(it, per_head, block, t_len, s_len, causal):
+    """Query block ``it`` of a plane (head ``it // per_head`` of the group): its rows, first
+    stacked row, first row within the head, and the keys its products span."""
+    r0 = it % per_head * block
+    rows = min(block, t_len - r0)
+    return rows, it // per_head * t_len + r0, r0, _block_span(t_len, s_len, r0 + rows, causal)
+
+
 @njit(cache=True, fastmath=False, error_model="numpy")
 def _block_scores(fn, qs, ks, p, q0, rows, w, buf):
     """buf[:rows, :w] = Q[p, q0:q0+rows] K[p, :w]^T (one single-thread sgemm)."""
@@ -590,11 +599,7 @@ def _attention_blocks_forward(qs, ks, vs, out, row_max, row_inv, fn, t_len, scal
         buf = np.empty(block * s_len, np.float32)
         for it in range(items * c // chunks, items * (c + 1) // chunks):
             p = it // (items // planes)
-            g = it // per_head % (gt // t_len)
-            r0 = it % per_head * block
-            rows = min(block, t_len - r0)
-            q0 = g * t_len + r0
-            w = _block_span(t_len, s_len, r0 + rows, causal)
+            rows, q0, r0, w = _block_geometry(it % (items // planes), per_head, block, t_len, s_len, causal)
             _block_scores(fn, qs, ks, p, q0, rows, w, buf)
             for i in range(rows):
                 vis = min(s_len, s_len - t_len + r0 + i + 1) if causal else s_len
@@ -620,11 +625,7 @@ def _attention_blocks_backward(qs, ks, vs, gys, row_max, row_inv, gq, gk, gv, fn
         grads = np.empty(block * s_len, np.float32)
         for p in range(planes * c // chunks, planes * (c + 1) // chunks):
             for it in range(gt // t_len * per_head):
-                g = it // per_head
-                r0 = it % per_head * block
-                rows = min(block, t_len - r0)
-                q0 = g * t_len + r0
-                w = _block_span(t_len, s_len, r0 + rows, causal)
+                rows, q0, r0, w = _block_geometry(it, per_head, block, t_len, s_len, causal)
                 _block_scores(fn, qs, ks, p, q0, rows, w, probs)
                 for i in range(rows):
                     row = probs[i * w:(i + 1) * w]
