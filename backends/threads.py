@@ -83,10 +83,17 @@ def kernels_cached(module_prefix: str = "") -> bool:
     return False
 
 
-def compile_notice(backend, write=print) -> bool:
+# Cache files of the engine's fused block kernels (``numba_backend/layer.py``): present once
+# an inference process has compiled them (a training run compiles other kernels).
+INFERENCE_KERNELS = "layer."
+
+
+def compile_notice(backend, write=print, module_prefix="") -> bool:
     """Say ``compiling kernels, first run only`` (via ``write``) when ``backend`` is the numba
-    backend and its kernels are not in the cache yet. Returns whether it said so."""
-    if getattr(backend, "name", backend) != "numba" or kernels_cached():
+    backend and its kernels (those whose cache files start with ``module_prefix``; the
+    inference commands pass ``INFERENCE_KERNELS``) are not in the cache yet. Returns whether
+    it said so."""
+    if getattr(backend, "name", backend) != "numba" or kernels_cached(module_prefix):
         return False
     write(f"{COMPILE_NOTICE} (cached in {numba_cache_dir()})")
     return True

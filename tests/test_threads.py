@@ -182,3 +182,15 @@ def test_training_keeps_freed_memory_in_the_heap():
     """glibc accepts the heap policy (once per process); NANOCHAT_KEEP_HEAP=0 leaves its defaults."""
     assert _heap_probe({}) == ["True", "True"]
     assert _heap_probe({"NANOCHAT_KEEP_HEAP": "0"}) == ["False", "False"]
+
+
+def test_compile_notice_for_inference_kernels(monkeypatch, tmp_path):
+    """The inference commands look for the fused block kernels, not just any cached kernel."""
+    monkeypatch.setenv("NUMBA_CACHE_DIR", str(tmp_path))
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "linear._fold_group-1.py311.nbi").write_bytes(b"")
+    said = []
+    assert threads.compile_notice("numba", said.append, threads.INFERENCE_KERNELS)
+    (tmp_path / "x" / (threads.INFERENCE_KERNELS + "_layer-116.py311.nbi")).write_bytes(b"")
+    assert not threads.compile_notice("numba", said.append, threads.INFERENCE_KERNELS)
+    assert len(said) == 1

@@ -74,6 +74,7 @@ def main(argv=None):
         from nanochat.serve.app import create_app
     except ImportError as exc:
         return fail(f"the server needs the 'serve' extra ({exc.name} is missing): pip install -e '.[serve]'")
+    from backends.threads import INFERENCE_KERNELS, compile_notice
     from nanochat.infer.engine import Engine
 
     try:
@@ -92,7 +93,12 @@ def main(argv=None):
             print(f"model {state.model_id} ready: chat page http://{shown}:{port}/ , API http://{shown}:{port}/v1",
                   file=sys.stderr, flush=True)
 
-    app = create_app(lambda: Engine.from_path(args.model, args.backend, dequantized=args.dequantized),
+    def make_engine():
+        engine = Engine.from_path(args.model, args.backend, dequantized=args.dequantized)
+        compile_notice(engine.be, lambda line: print(line, file=sys.stderr, flush=True), INFERENCE_KERNELS)
+        return engine
+
+    app = create_app(make_engine,
                      model_id=args.model_name, api_key=args.api_key, max_batch=args.max_batch,
                      max_queue=args.max_queue, prefill_chunk=args.prefill_chunk, max_body_bytes=args.max_body_bytes,
                      on_loaded=on_loaded)

@@ -220,6 +220,16 @@ class Engine:
             s.tokens.append(int(i))
         return logits
 
+    def warm_up(self):
+        """Run every kernel a request uses once, on scratch sequences (a two-token and a
+        one-token prompt, one decode step, a decode step of both together), so that the
+        backend compiles or loads them now: a server calls this before it reports ready."""
+        a, b = self.new_sequence(record=False), self.new_sequence(record=False)
+        self.prefill(a, [0, 0])
+        self.prefill(b, [0])
+        self.decode([a], [0])
+        self.decode([a, b], [0, 0])
+
     def _draft(self, h, k):
         """Speculative drafting: the first ``k`` MTP heads on the hidden row ``h`` -> logits ``[k, V]`` (numpy)."""
         inference_threads()

@@ -59,6 +59,7 @@ class ServerState:
         try:
             engine = model() if callable(model) else model
             engine.require_tokenizer()
+            engine.warm_up()  # kernels compiled (or loaded) before the first request, not in it
             if self.model_id is None:
                 self.model_id = default_model_id(engine)
             scheduler = Scheduler(engine, self.max_batch, self.max_queue, self.prefill_chunk, self.metrics,
