@@ -22,6 +22,8 @@ training and inference is passed in, not written twice:
   DeltaNet recurrence and its gates, the small float projections feeding routing and gates),
   rounding to float32 at their outputs; so one-token decode, many-token prefill and the
   training forward agree to float32 rounding (docs/numerics.md, docs/engine.md);
+- whole blocks: in inference a plain dense attention block of one sequence runs as one
+  backend op (``decode_layer``, the chain of ops below fused) where the backend has it;
 - the per-layer state: a ``SequenceCache`` per sequence whose per-block states the blocks
   create (``new_state``). Sequences in one call may sit at different positions (batched
   decode): linear layers run over all rows at once, attention and DeltaNet per sequence.
@@ -270,13 +272,14 @@ class Block:
     def _decode_layer(self, linear):
         """The ``DecodeLayer`` of this block for ``linear``'s packed weights, or None."""
         c, P, a, f = self.m.cfg, self.m.params, self.mixer.p, self.ffn.p
-        qkv, gate_up = linear.stacked(a + "wq", a + "wk", a + "wv"), linear.stacked(f + "w_gate", f + "w_up")
-        if qkv is None or gate_up is None:
+        qkv, wo = linear.stacked(a + "wq", a + "wk", a + "wv"), linear.stacked(a + "wo")
+        gate_up, w_down = linear.stacked(f + "w_gate", f + "w_up"), linear.stacked(f + "w_down")
+        if any(h is None for h in (qkv, wo, gate_up, w_down)):
             return None
         return DecodeLayer(c.norm_eps, P[self.p + "attn_norm"], qkv, c.n_heads, c.n_kv_heads, c.head_dim,
-                           P[a + "sub_norm"] if c.sub_norm else None, linear.matrices[linear.members[a + "wo"][0]],
-                           P[self.p + "ffn_norm"], gate_up, c.ffn_hidden, "swiglu" if c.ffn_type == "swiglu" else "relu2_glu",
-                           P[f + "sub_norm"] if c.sub_norm else None, linear.matrices[linear.members[f + "w_down"][0]])
+                           P[a + "sub_norm"] if c.sub_norm else None, wo, P[self.p + "ffn_norm"], gate_up, c.ffn_hidden,
+                           "swiglu" if c.ffn_type == "swiglu" else "relu2_glu", P[f + "sub_norm"] if c.sub_norm else None,
+                           w_down)
 
     def new_state(self, capacity):
         return self.mixer.new_state(capacity)
