@@ -33,7 +33,9 @@ if os.environ.get("NANOCHAT_FROM"):
 SHAPES = {
     # name: (preset, overrides)
     "tiny": ("tiny", ["model.group_size=128", "model.sub_norm=false"]),
-    "nano_125m": ("nano_125m", ["model.group_size=128", "model.sub_norm=false"]),
+    # the peer has neither MTP heads nor Collider's token filtering (the preset has both)
+    "nano_125m": ("nano_125m", ["model.group_size=128", "model.sub_norm=false", "model.mtp_n_tokens=0",
+                                "train.collider_sparsity=0"]),
 }
 
 
