@@ -64,3 +64,26 @@ def test_cache_stamp_follows_dependencies(tmp_path, monkeypatch):
     assert before != after
     # kernels of the fused module use it
     assert type(fused._layer._cache._impl.locator) is locator_cls
+
+
+@pytest.mark.parametrize("kernel", [k for k in ("avx2", "vnni", "vnni_emulated") if fused.packed.cpu_features.unavailable_reason(k) is None])
+def test_every_simd_path_fuses_bit_for_bit(kernel):
+    """Handles forced onto each SIMD path this CPU runs (CI's AVX2 machine runs avx2 and
+    vnni_emulated; an AVX-512 VNNI machine all three) give the op chain's exact values."""
+    from backends.numba_backend.packed import prepare_packed
+    from reference.decode import DecodeLayer
+    from tests.test_triangle import _packed_case
+
+    rng = np.random.default_rng(5)
+    handles = [prepare_packed(*_packed_case(rng, m, k, 64), 64, kernel=kernel)
+               for m, k in [(256, 128), (128, 128), (512, 128), (128, 256)]]
+    norms = [rng.uniform(0.5, 1.5, n).astype(np.float32) for n in (128, 128, 128, 256)]
+    layer = DecodeLayer(1e-6, norms[0], handles[0], 4, 2, 32, norms[1], handles[1], norms[2], handles[2], 256,
+                        "swiglu", norms[3], handles[3])
+    assert fused.supports(layer) and layer.qkv.kernel == kernel
+    x = rng.standard_normal((3, 128)).astype(np.float32)
+    cos, sin = reference.OPS["rope_tables"](np.arange(4, 7), 32, 10000.0, np.float32)
+    caches = [rng.standard_normal((1, 12, 2, 32)).astype(np.float32) for _ in range(2)]
+    k1, v1, k2, v2 = caches[0].copy(), caches[1].copy(), caches[0].copy(), caches[1].copy()
+    np.testing.assert_array_equal(nb.decode_layer(x, layer, k1, v1, 4, cos, sin), compose(nb.op, x, layer, k2, v2, 4, cos, sin))
+    np.testing.assert_array_equal(k1, k2)
