@@ -123,9 +123,10 @@ def _step(q, k, v, kc, vc, start, cos, sin, scale, out, row_tasks):
 ATTEND_PARALLEL_MIN = {True: 1 << 18, False: 1 << 21}
 
 
-def _row_tasks(t_len, work):
-    """Row tasks for a call of ``t_len`` query rows and ``work`` multiply-adds."""
-    if work < ATTEND_PARALLEL_MIN[threads.spinning_workers()]:
+def row_tasks(t_len, n_q, hd, start):
+    """Row tasks for an attention step of ``t_len`` query rows of ``n_q`` heads from position
+    ``start`` (its multiply-adds: scores and values over the visible positions)."""
+    if 2 * t_len * n_q * hd * (start + (t_len + 1) // 2) < ATTEND_PARALLEL_MIN[threads.spinning_workers()]:
         return 1
     return max(1, min(numba.get_num_threads(), t_len))
 
@@ -140,7 +141,7 @@ def cached_attention(q, k, v, k_cache, v_cache, start, cos, sin):
         return ref_nn.cached_attention(q, k, v, k_cache, v_cache, start, cos, sin)
     t_len, n_q, hd = q.shape[1], q.shape[2], q.shape[3]
     out = np.empty((1, t_len, n_q, v.shape[3]), _F32)
-    rows = _row_tasks(t_len, 2 * t_len * n_q * hd * (start + (t_len + 1) // 2))
+    rows = row_tasks(t_len, n_q, hd, start)
     kernel = _step.parallel if rows > 1 else _step.serial
     kernel(np.ascontiguousarray(q[0]), np.ascontiguousarray(k[0]), np.ascontiguousarray(v[0]), k_cache[0], v_cache[0],
            start, np.ascontiguousarray(cos), np.ascontiguousarray(sin), 1.0 / math.sqrt(hd), out[0], rows)

@@ -58,6 +58,13 @@ def parallel_when_large(**options):
 _DEPENDENCIES: dict[str, tuple[str, ...]] = {}
 
 
+@functools.lru_cache(maxsize=None)
+def _file_hash(path, mtime_ns):
+    """sha256 of a file's bytes, read once per version (every kernel of a file asks)."""
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def _dependent_locator():
     """A numba cache locator (numba's user-directory one) whose source stamp covers the
     files registered with ``cache_depends_on`` besides the kernel's own file."""
@@ -74,11 +81,8 @@ def _dependent_locator():
             return super().from_function(py_func, py_file)
 
         def get_source_stamp(self):
-            stamps = [super().get_source_stamp()]
-            for path in _DEPENDENCIES[os.path.abspath(self._py_file)]:
-                with open(path, "rb") as f:
-                    stamps.append(hashlib.sha256(f.read()).hexdigest())
-            return tuple(stamps)
+            deps = _DEPENDENCIES[os.path.abspath(self._py_file)]
+            return (super().get_source_stamp(),) + tuple(_file_hash(p, os.stat(p).st_mtime_ns) for p in deps)
 
     impl._locator_classes.insert(0, DependentLocator)
 

@@ -27,7 +27,6 @@ from . import decode, dispatch, nn, packed, packed_x86, quant
 from .dispatch import cache_depends_on
 from .packed_x86 import GEMM_ROWS, GEMV_ROWS, _gemm_blocks, _gemv_blocks, group_sums
 from .quant import _data
-from .. import threads
 
 cache_depends_on(__file__, decode.__file__, dispatch.__file__, nn.__file__, packed_x86.__file__, quant.__file__)
 
@@ -114,7 +113,7 @@ def _linear(path, x, layout, scales_t, group_size, m, min_macs, n_threads):
 
 
 @njit(cache=True)
-def _layer(path, x, eps, group_size, n_threads, min_macs, attend_min, attn_norm, qkv, qkv_s, n_q, n_kv, hd,
+def _layer(path, x, eps, group_size, n_threads, min_macs, attend_rows, attn_norm, qkv, qkv_s, n_q, n_kv, hd,
            k_cache, v_cache, start, cos, sin, attn_sub, wo, wo_s,
            ffn_norm, gate_up, gate_up_s, hidden, relu2, ffn_sub, w_down, w_down_s):
     t, dim = x.shape
@@ -124,12 +123,10 @@ def _layer(path, x, eps, group_size, n_threads, min_macs, attend_min, attn_norm,
     v = y[:, (n_q + n_kv) * hd:].copy().reshape((t, n_kv, hd))
     # decode.cached_attention's kernel: RoPE, the cache write, the float64 attention
     o = np.empty((t, n_q, hd), np.float32)
-    work = 2 * t * n_q * hd * (start + (t + 1) // 2)
-    rows = 1 if work < attend_min else max(1, min(n_threads, t))
-    if rows > 1:
-        _step_parallel(q, k, v, k_cache, v_cache, start, cos, sin, 1.0 / math.sqrt(hd), o, rows)
+    if attend_rows > 1:
+        _step_parallel(q, k, v, k_cache, v_cache, start, cos, sin, 1.0 / math.sqrt(hd), o, attend_rows)
     else:
-        _step_serial(q, k, v, k_cache, v_cache, start, cos, sin, 1.0 / math.sqrt(hd), o, rows)
+        _step_serial(q, k, v, k_cache, v_cache, start, cos, sin, 1.0 / math.sqrt(hd), o, attend_rows)
     o2 = o.reshape((t, n_q * hd))
     if attn_sub.shape[0]:
         o2 = _norm(o2, attn_sub, eps)
@@ -153,16 +150,18 @@ _NO_NORM = np.zeros(0, np.float32)
 
 def _prepared(layer):
     """The kernel's fixed arguments, made once per layer (False: the layer runs the op chain)."""
-    if layer.prepared is None and not supports(layer):
-        layer.prepared = False
     if layer.prepared is None:
-        f32 = lambda a: np.ascontiguousarray(_data(a), dtype=np.float32)  # noqa: E731
-        products = [(h.layout, h.scales_t) for h in (layer.qkv, layer.wo, layer.gate_up, layer.w_down)]
-        layer.prepared = (packed_x86.PATHS[layer.qkv.kernel], layer.qkv.group_size, products,
-                          f32(layer.attn_norm), _NO_NORM if layer.attn_sub is None else f32(layer.attn_sub),
-                          f32(layer.ffn_norm), _NO_NORM if layer.ffn_sub is None else f32(layer.ffn_sub),
-                          layer.glu == "relu2_glu")
+        layer.prepared = _prepare(layer) if supports(layer) else False
     return layer.prepared
+
+
+def _prepare(layer):
+    def f32(a):
+        return _NO_NORM if a is None else np.ascontiguousarray(_data(a), dtype=np.float32)
+
+    products = [(h.layout, h.scales_t) for h in (layer.qkv, layer.wo, layer.gate_up, layer.w_down)]
+    return (packed_x86.PATHS[layer.qkv.kernel], layer.qkv.group_size, products, f32(layer.attn_norm),
+            f32(layer.attn_sub), f32(layer.ffn_norm), f32(layer.ffn_sub), layer.glu == "relu2_glu")
 
 
 def decode_layer(x, layer, k_cache, v_cache, start, cos, sin):
@@ -178,8 +177,8 @@ def decode_layer(x, layer, k_cache, v_cache, start, cos, sin):
     if not (k_cache.dtype == v_cache.dtype == np.float32 and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous):
         raise ValueError("decode_layer: the caches must be C-contiguous float32 arrays")
     path, group_size, (qkv, wo, gu, wd), attn_norm, attn_sub, ffn_norm, ffn_sub, relu2 = prepared
-    return _layer(path, np.ascontiguousarray(x), np.float64(layer.eps), group_size, numba.get_num_threads(), packed._min_macs(),
-                  decode.ATTEND_PARALLEL_MIN[threads.spinning_workers()], attn_norm, *qkv,
+    return _layer(path, np.ascontiguousarray(x), np.float64(layer.eps), group_size, numba.get_num_threads(),
+                  packed._min_macs(), decode.row_tasks(x.shape[0], layer.n_heads, layer.head_dim, start), attn_norm, *qkv,
                   layer.n_heads, layer.n_kv_heads, layer.head_dim, k_cache[0], v_cache[0], start,
                   np.ascontiguousarray(_data(cos), dtype=np.float32), np.ascontiguousarray(_data(sin), dtype=np.float32),
                   attn_sub, *wo, ffn_norm, *gu, layer.hidden, relu2, ffn_sub, *wd)

@@ -54,6 +54,14 @@ def one_line(message) -> str:
     return "".join(c if c.isprintable() or c == " " else ascii(c)[1:-1] for c in str(message).strip())
 
 
+def say_if_compiling(engine) -> None:
+    """On stderr, ``compiling kernels, first run only`` when the engine's fused kernels are not
+    in numba's cache yet (its first forward then spends tens of seconds compiling)."""
+    from backends.threads import INFERENCE_KERNELS, compile_notice
+
+    compile_notice(engine.be, lambda line: print(line, file=sys.stderr, flush=True), INFERENCE_KERNELS)
+
+
 def check_model_path(path) -> None:
     """ValueError (one sentence) unless ``path`` is a regular file or a directory, said precisely:
     missing, a device such as /dev/null, a FIFO, unreadable. Nothing is opened (a FIFO cannot block)."""

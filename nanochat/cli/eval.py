@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from nanochat.cli.common import (EXIT_BAD_INPUT, OneLineParser, add_backend_argument, check_model_path,
-                                 fail, non_negative_int)
+                                 fail, non_negative_int, say_if_compiling)
 
 
 @dataclass
@@ -130,7 +130,6 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from backends.threads import INFERENCE_KERNELS, compile_notice
     from nanochat.infer.engine import Engine, load_model
 
     try:
@@ -139,7 +138,7 @@ def main(argv=None):
         check_model_path(args.model)
         loaded = load_model(args.model)
         engine = Engine(loaded, args.backend, dequantized=args.dequantized, head=args.head)
-        compile_notice(engine.be, lambda line: print(line, file=sys.stderr, flush=True), INFERENCE_KERNELS)
+        say_if_compiling(engine)
         cfg = engine.cfg
         data_cfg = getattr(loaded.config, "data", None)
         data_path = args.data or (data_cfg.path if data_cfg is not None and data_cfg.path else None)

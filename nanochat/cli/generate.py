@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from nanochat.cli.common import (EXIT_BAD_INPUT, OneLineParser, add_backend_argument, check_model_path,
-                                 check_text, fail, non_negative_int)
+                                 check_text, fail, non_negative_int, say_if_compiling)
 
 
 def build_parser():
@@ -40,7 +40,6 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from backends.threads import INFERENCE_KERNELS, compile_notice
     from nanochat.infer.engine import Engine, SamplingParams
 
     out = sys.stdout
@@ -52,7 +51,7 @@ def main(argv=None):
         check_model_path(args.model)
         engine = Engine.from_path(args.model, args.backend, dequantized=args.dequantized, head=args.head)
         engine.require_tokenizer()
-        compile_notice(engine.be, lambda line: print(line, file=sys.stderr, flush=True), INFERENCE_KERNELS)
+        say_if_compiling(engine)
         options = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop,
                        speculative=args.speculative)

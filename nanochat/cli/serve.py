@@ -16,7 +16,7 @@ import socket
 import sys
 
 from nanochat.cli.common import (EXIT_BAD_INPUT, OneLineParser, add_backend_argument, check_model_path, fail,
-                                 non_negative_int)
+                                 non_negative_int, say_if_compiling)
 
 
 def positive_int(text):
@@ -74,7 +74,6 @@ def main(argv=None):
         from nanochat.serve.app import create_app
     except ImportError as exc:
         return fail(f"the server needs the 'serve' extra ({exc.name} is missing): pip install -e '.[serve]'")
-    from backends.threads import INFERENCE_KERNELS, compile_notice
     from nanochat.infer.engine import Engine
 
     try:
@@ -95,7 +94,7 @@ def main(argv=None):
 
     def make_engine():
         engine = Engine.from_path(args.model, args.backend, dequantized=args.dequantized)
-        compile_notice(engine.be, lambda line: print(line, file=sys.stderr, flush=True), INFERENCE_KERNELS)
+        say_if_compiling(engine)
         return engine
 
     app = create_app(make_engine,
